@@ -1,0 +1,1 @@
+from .scheduling_speedit import LOSS_WEIGHTINGS, PRESETS, TIMESTEP_SAMPLINGS, SpeeDiTScheduler

@@ -1,0 +1,185 @@
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Training data: an in-memory class-conditional dataset served by whole batches, and the
+deterministic data order that makes a resumed run see exactly the samples an uninterrupted run
+would have seen."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+
+@dataclass
+class ClassConditionalDataset:
+    """Samples (images in pixel space or VAE latents) with integer class labels, held in RAM.
+
+    `samples` is uint8 images in [0, 255] (converted to [-1, 1] per batch) or floating latents
+    already scaled by the VAE's scaling factor, shape (N, C, H, W). Batches are gathered by
+    indexing, so there is no per-sample Python or file work.
+    """
+
+    samples: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    latent: bool = False
+    info: dict = field(default_factory=dict)  # provenance recorded in checkpoints and model cards
+
+    def __post_init__(self):
+        if self.samples.ndim != 4:
+            raise ValueError(f"samples must have shape (N, C, H, W), got {tuple(self.samples.shape)}.")
+        if len(self.samples) == 0:
+            raise ValueError("the dataset is empty: it holds no samples.")
+        if self.labels.shape != (len(self.samples),):
+            raise ValueError(f"labels have shape {tuple(self.labels.shape)}; expected ({len(self.samples)},).")
+        self.labels = self.labels.long()
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"class labels span [{low}, {high}] but there are {self.num_classes} class names: "
+                f"labels must lie in [0, {self.num_classes})."
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return tuple(self.samples.shape[1:])
+
+    def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        samples = self.samples[indices]
+        if samples.dtype == torch.uint8:
+            samples = samples.float().div_(127.5).sub_(1.0)
+        return {"samples": samples.float(), "class_labels": self.labels[indices]}
+
+    def check_model_fits(self, sample_size: int, in_channels: int, num_classes: int) -> None:
+        """One-line errors when the data and the model disagree, before any training."""
+        c, h, w = self.sample_shape
+        if h != w or h != sample_size:
+            raise ValueError(
+                f"data samples are {h}x{w} but the model expects {sample_size}x{sample_size}: "
+                "set --resolution (or --sample_size) to match the data."
+            )
+        if c != in_channels:
+            raise ValueError(f"data samples have {c} channels but the model expects {in_channels}.")
+        if self.num_classes > num_classes:
+            raise ValueError(f"the data has {self.num_classes} classes but the model only {num_classes}.")
+
+
+def _pad_images(images: np.ndarray, size: int | None) -> np.ndarray:
+    h, w = images.shape[-2:]
+    if size is None or (h, w) == (size, size):
+        return images
+    if size < max(h, w):
+        raise ValueError(f"cannot pad {h}x{w} images to {size}x{size}: the target is smaller.")
+    top, left = (size - h) // 2, (size - w) // 2
+    out = np.zeros((*images.shape[:-2], size, size), dtype=images.dtype)
+    out[..., top : top + h, left : left + w] = images
+    return out
+
+
+def load_digits_dataset(resolution: int = 8) -> ClassConditionalDataset:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes), offline.
+
+    Pixel values 0..16 become uint8 0..255; `resolution` > 8 pads with background.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    images = _pad_images(images, resolution)
+    return ClassConditionalDataset(
+        samples=torch.from_numpy(images),
+        labels=torch.from_numpy(digits.target),
+        class_names=[str(i) for i in range(10)],
+        info={"dataset": "sklearn-digits", "resolution": resolution},
+    )
+
+
+def load_npz_images(path: str, resolution: int | None = None) -> ClassConditionalDataset:
+    """Images from an `.npz` with `images` (uint8, N x H x W or N x H x W x C) and `labels`.
+
+    This is the format of MNIST in `mnist10k.npz`; `resolution` pads (28 -> 32 for MNIST).
+    Optional `class_names` in the file name the classes, else they are "0", "1", ...
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--train_data {path!r} does not exist: give an .npz file or a latents folder.")
+    with np.load(path) as data:
+        missing = {"images", "labels"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path!r} lacks the arrays {sorted(missing)}: it needs 'images' and 'labels'.")
+        images, labels = data["images"], data["labels"]
+        class_names = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
+    if images.dtype != np.uint8:
+        raise ValueError(f"{path!r}: images must be uint8 in [0, 255], got {images.dtype}.")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[-1] in (1, 3, 4):
+        images = np.ascontiguousarray(images.transpose(0, 3, 1, 2))
+    else:
+        raise ValueError(f"{path!r}: images have shape {images.shape}; expected N x H x W or N x H x W x C.")
+    images = _pad_images(images, resolution)
+    if class_names is None:
+        class_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+    return ClassConditionalDataset(
+        samples=torch.from_numpy(images),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        class_names=class_names,
+        info={"dataset": os.path.basename(path), "resolution": images.shape[-1]},
+    )
+
+
+class DeterministicOrder:
+    """Which samples each process trains on at each micro-step, as a pure function of the step.
+
+    Each epoch is a permutation seeded by (seed, epoch); the global batch of micro-step s is the
+    next `per_device_batch * num_processes` positions of that stream, and process r takes its
+    slice. Resuming therefore needs no sampler state, no two processes ever train on the same
+    sample in a step, and every sample is seen once per epoch.
+    """
+
+    def __init__(self, dataset_size: int, per_device_batch: int, num_processes: int, seed: int):
+        self.dataset_size = dataset_size
+        self.per_device_batch = per_device_batch
+        self.num_processes = num_processes
+        self.seed = seed
+        self._permutations: dict[int, torch.Tensor] = {}
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._permutations:
+            if len(self._permutations) > 4:
+                self._permutations.pop(min(self._permutations))
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._permutations[epoch] = torch.randperm(self.dataset_size, generator=generator)
+        return self._permutations[epoch]
+
+    def indices(self, micro_step: int, process_index: int) -> torch.Tensor:
+        start = (micro_step * self.num_processes + process_index) * self.per_device_batch
+        positions = torch.arange(start, start + self.per_device_batch)
+        epochs = positions // self.dataset_size
+        out = torch.empty_like(positions)
+        for epoch in epochs.unique().tolist():
+            mask = epochs == epoch
+            out[mask] = self._permutation(epoch)[positions[mask] % self.dataset_size]
+        return out
+
+
+def load_training_data(train_data: str, resolution: int | None = None) -> ClassConditionalDataset:
+    """`digits` (scikit-learn's bundled digits) or a path to an `.npz` of images and labels."""
+    if train_data == "digits":
+        return load_digits_dataset(resolution or 8)
+    if os.path.isdir(train_data):
+        raise ValueError(
+            f"--train_data {train_data!r} is a folder: latents folders come from scripts/extract_latents.py, "
+            "which this version does not ship yet; give 'digits' or an .npz of images and labels."
+        )
+    if not train_data.endswith(".npz"):
+        raise ValueError(f"--train_data {train_data!r} is not understood: give 'digits' or an .npz file.")
+    return load_npz_images(train_data, resolution)

@@ -1,0 +1,205 @@
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""The pieces of the training loop that `train_dit.py` and the benchmarks share: the loss of one
+training step, the per-step random generator, EMA, crash-safe checkpoints and the export to a
+diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from diffusers.training_utils import EMAModel
+
+from .losses import DiTLoss
+from .models import drop_labels
+from .pipeline_speedit import SpeeDiTPipeline
+from .scheduling_speedit import SpeeDiTScheduler
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_SCHEDULER_FOLDER = "training_scheduler"
+
+
+@dataclass
+class TrainingStepOutput:
+    loss: torch.Tensor  # scalar to backpropagate
+    mse: torch.Tensor  # per-sample epsilon-MSE (unweighted), detached
+    timesteps: torch.Tensor
+
+
+def training_step_loss(
+    model: torch.nn.Module,
+    scheduler: SpeeDiTScheduler,
+    loss_fn: DiTLoss,
+    x_start: torch.Tensor,
+    class_labels: torch.Tensor,
+    generator: torch.Generator,
+    class_dropout_prob: float,
+    null_label: int,
+) -> TrainingStepOutput:
+    """Loss of one SpeeD training step: timesteps and weights from the scheduler, noise, one
+    label dropout per sample, the forward pass, and DiT's hybrid loss. All randomness comes from
+    `generator`, so the step is reproducible."""
+    device = x_start.device
+    timesteps, weights = scheduler.sample_timesteps(x_start.shape[0], generator=generator, device=device)
+    noise = torch.randn(x_start.shape, generator=generator, device=generator.device, dtype=x_start.dtype).to(device)
+    labels = drop_labels(class_labels, class_dropout_prob, null_label, generator)
+    x_t = scheduler.add_noise(x_start, noise, timesteps)
+    model_output = model(x_t, timestep=timesteps, class_labels=labels).sample
+    out = loss_fn(model_output, x_start, x_t, noise, timesteps, weights)
+    return TrainingStepOutput(loss=out.loss, mse=out.mse.detach(), timesteps=timesteps)
+
+
+def step_generator(seed: int, process_index: int, micro_step: int, device: torch.device | str) -> torch.Generator:
+    """The generator of one micro-step on one process: a pure function of (seed, process, step).
+
+    Counter-based seeding makes every step's timesteps, noise and label dropout reproducible
+    after a resume without storing generator state, and different on every process.
+    """
+    key = (seed * 1_000_003 + process_index) * 2_147_483_647 + micro_step
+    return torch.Generator(device=device).manual_seed(key % (2**63 - 1))
+
+
+def create_ema(model: torch.nn.Module, decay: float) -> EMAModel:
+    """DiT's EMA with diffusers' `EMAModel`: a constant decay (min_decay = decay, no warm-up).
+
+    diffusers copies the weights at the first update and applies `decay` from then on.
+    """
+    return EMAModel(
+        model.parameters(),
+        decay=decay,
+        min_decay=decay,
+        update_after_step=0,
+        use_ema_warmup=False,
+        foreach=True,
+        model_cls=type(model),
+        model_config=model.config,
+    )
+
+
+class TimestepQuartileLoss:
+    """Running sums of the per-sample MSE in each quarter of [0, T), kept on the device so that
+    logging them costs no host sync until they are read."""
+
+    def __init__(self, num_train_timesteps: int, device: torch.device):
+        self.num_train_timesteps = num_train_timesteps
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+
+    def update(self, mse: torch.Tensor, timesteps: torch.Tensor) -> None:
+        quartile = (timesteps * 4 // self.num_train_timesteps).clamp_(0, 3)
+        self.sums.index_add_(0, quartile, mse.to(torch.float64))
+        self.counts.index_add_(0, quartile, torch.ones_like(mse, dtype=torch.float64))
+
+    def read_and_reset(self) -> dict[str, float]:
+        values = (self.sums / self.counts.clamp(min=1)).tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        return {f"loss/mse_t_q{i + 1}": v for i, v in enumerate(values)}
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints
+# --------------------------------------------------------------------------------------------
+def checkpoint_step(path: str) -> int | None:
+    match = re.fullmatch(rf"{CHECKPOINT_PREFIX}(\d+)", os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(checkpoints_dir: str) -> list[str]:
+    """Complete checkpoints, oldest first. Half-written ones live under a temporary name and a
+    checkpoint only gets its final name by an atomic rename once it is complete."""
+    if not os.path.isdir(checkpoints_dir):
+        return []
+    found = [(checkpoint_step(name), name) for name in os.listdir(checkpoints_dir)]
+    return [os.path.join(checkpoints_dir, name) for step, name in sorted(f for f in found if f[0] is not None)]
+
+
+def save_checkpoint(accelerator, checkpoints_dir: str, step: int, state: dict, total_limit: int | None) -> str:
+    """Save the accelerate state (model, optimizer, EMA, RNGs) for `step` crash-safely.
+
+    Everything is written to `.tmp-checkpoint-N`, then renamed to `checkpoint-N` (atomic on one
+    file system), then old checkpoints beyond `total_limit` are pruned. A kill at any point
+    leaves the newest *complete* checkpoint as `latest`.
+    """
+    final = os.path.join(checkpoints_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = os.path.join(checkpoints_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    if accelerator.is_main_process:
+        os.makedirs(checkpoints_dir, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "training_state.json"), "w") as f:
+            json.dump({"step": step, **state}, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if total_limit is not None and total_limit > 0:
+            for old in list_checkpoints(checkpoints_dir)[:-total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> str | None:
+    """`latest` -> the newest complete checkpoint (None if there is none); a path must exist."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        found = list_checkpoints(checkpoints_dir)
+        return found[-1] if found else None
+    if checkpoint_step(resume_from) is None or not os.path.isdir(resume_from):
+        raise ValueError(
+            f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder: "
+            f"give 'latest' or a path like {os.path.join(checkpoints_dir, CHECKPOINT_PREFIX + '1000')}."
+        )
+    return resume_from
+
+
+# --------------------------------------------------------------------------------------------
+# export
+# --------------------------------------------------------------------------------------------
+def inference_scheduler(training_scheduler: SpeeDiTScheduler, latent: bool):
+    """The scheduler saved with the pipeline.
+
+    Latent models get a DDIM scheduler with the training schedule, as DiT's Hub checkpoints do,
+    so stock `DiTPipeline` loads and runs them. Pixel models get DDPM ancestral sampling with the
+    learned variance, as DiT samples for evaluation, with DiT's even respacing.
+    """
+    cls, overrides = (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}) if latent else (
+        DDPMScheduler,
+        {"variance_type": "learned_range", "clip_sample": True},
+    )
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in training_scheduler.config.items() if k in accepted}
+    return cls(**{**config, **overrides, "timestep_spacing": "linspace"})
+
+
+def build_pipeline(
+    transformer: DiTTransformer2DModel,
+    training_scheduler: SpeeDiTScheduler,
+    class_names: list[str],
+    vae=None,
+):
+    id2label = {i: name for i, name in enumerate(class_names)}
+    scheduler = inference_scheduler(training_scheduler, latent=vae is not None)
+    if vae is None:
+        return SpeeDiTPipeline(transformer=transformer, scheduler=scheduler, id2label=id2label)
+    pipeline = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+    pipeline.register_to_config(id2label={str(k): v for k, v in id2label.items()})
+    return pipeline
+
+
+def save_pipeline(pipeline, training_scheduler: SpeeDiTScheduler, output_dir: str) -> None:
+    """Write the pipeline folder and, beside it, the SpeeDiT training-scheduler config."""
+    pipeline.save_pretrained(output_dir, safe_serialization=True)
+    training_scheduler.save_pretrained(os.path.join(output_dir, TRAINING_SCHEDULER_FOLDER))

@@ -1,0 +1,490 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Train a class-conditional DiT with SpeeDiT timestep adjustment.
+
+    accelerate launch [--config_file accelerate_configs/...] train_dit.py --train_data ... --output_dir ...
+    python train_dit.py --demo        # offline: a small DiT on scikit-learn's digits, on the CPU
+
+Defaults follow the DiT / SpeeD ImageNet recipe: AdamW at a constant 1e-4 without weight decay,
+EMA 0.9999 every step, label dropout 0.1, DiT's hybrid loss, SpeeD (k=5, tau=0.7, lambda=0.6).
+The batch size is per device: 32 on 8 GPUs is DiT's global batch of 256.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from diffusers.utils import make_image_grid
+from tqdm.auto import tqdm
+
+from speedit_scheduler import PRESETS, SpeeDiTScheduler
+from speedit_scheduler.data import DeterministicOrder, load_training_data
+from speedit_scheduler.hub import push_folder_to_hub, resolve_hub_token, write_model_card
+from speedit_scheduler.losses import DiTLoss
+from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
+from speedit_scheduler.training import (
+    TimestepQuartileLoss,
+    build_pipeline,
+    checkpoint_step,
+    create_ema,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    save_pipeline,
+    step_generator,
+    training_step_loss,
+)
+
+logger = get_logger(__name__)
+
+# What `--demo` sets unless given explicitly: a DiT small enough to train on 2 CPU cores in
+# minutes on the 8x8 digits, whose samples a digit classifier recognises.
+DEMO_DEFAULTS = {
+    "train_data": "digits",
+    "output_dir": "dit-digits-demo",
+    "model": "S/2",
+    "num_layers": 4,
+    "hidden_size": 128,
+    "num_attention_heads": 4,
+    "train_batch_size": 64,
+    "max_train_steps": 3000,
+    "learning_rate": 1e-3,
+    "ema_decay": 0.999,
+    "checkpointing_steps": 1000,
+    "checkpoints_total_limit": 1,
+    "validation_steps": 3000,
+    "validation_guidance_scale": 2.0,
+    "validation_inference_steps": 100,
+    "logging_steps": 50,
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--demo", action="store_true", help="Offline demo on scikit-learn's digits (see DEMO_DEFAULTS).")
+    # data
+    p.add_argument("--train_data", default=None, help="'digits' or an .npz of uint8 images and labels.")
+    p.add_argument("--resolution", type=int, default=None, help="Pad pixel data to this side (28 -> 32 for MNIST).")
+    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused for in-memory data.")
+    # model
+    p.add_argument("--model", default="XL/2", help=f"DiT preset: {', '.join(DIT_PRESETS)}.")
+    p.add_argument("--num_layers", type=int, default=None, help="Override the preset's depth.")
+    p.add_argument("--hidden_size", type=int, default=None, help="Override the preset's width.")
+    p.add_argument("--num_attention_heads", type=int, default=None, help="Override the preset's heads.")
+    p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer.")
+    p.add_argument("--allow_tf32", action="store_true")
+    # SpeeDiT
+    p.add_argument("--speedit", default="speed", choices=sorted(PRESETS), help="Timestep preset ('uniform' = DiT).")
+    p.add_argument("--timestep_sampling", default=None, help="Override the preset's sampling.")
+    p.add_argument("--loss_weighting", default=None, help="Override the preset's loss weighting.")
+    p.add_argument("--dual_sampling", choices=["on", "off"], default=None, help="Override dual sampling.")
+    p.add_argument("--speed_k", type=float, default=None)
+    p.add_argument("--speed_tau", type=float, default=None, help="Fraction of num_train_timesteps (0.7).")
+    p.add_argument("--speed_lambda", type=float, default=None)
+    p.add_argument("--min_snr_gamma", type=float, default=None)
+    p.add_argument("--p2_k", type=float, default=None)
+    p.add_argument("--p2_gamma", type=float, default=None)
+    # optimisation
+    p.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
+    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--max_train_steps", type=int, default=400_000)
+    p.add_argument("--learning_rate", type=float, default=1e-4)
+    p.add_argument("--lr_scheduler", default="constant")
+    p.add_argument("--lr_warmup_steps", type=int, default=0)
+    p.add_argument("--adam_beta1", type=float, default=0.9)
+    p.add_argument("--adam_beta2", type=float, default=0.999)
+    p.add_argument("--adam_weight_decay", type=float, default=0.0)
+    p.add_argument("--adam_epsilon", type=float, default=1e-8)
+    p.add_argument("--max_grad_norm", type=float, default=0.0, help="0 disables clipping (DiT clips nothing).")
+    p.add_argument("--class_dropout_prob", type=float, default=0.1)
+    p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ema_decay", type=float, default=0.9999)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    # output, checkpoints, logging
+    p.add_argument("--output_dir", default=None)
+    p.add_argument("--checkpointing_steps", type=int, default=10_000)
+    p.add_argument("--checkpoints_total_limit", type=int, default=None)
+    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
+    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
+    p.add_argument("--logging_dir", default="logs")
+    p.add_argument("--logging_steps", type=int, default=100)
+    p.add_argument("--validation_steps", type=int, default=10_000)
+    p.add_argument("--validation_guidance_scale", type=float, default=4.0)
+    p.add_argument("--validation_inference_steps", type=int, default=50)
+    p.add_argument("--validation_images_per_class", type=int, default=8)
+    p.add_argument("--pretrained_vae_model_name_or_path", default="stabilityai/sd-vae-ft-ema")
+    # hub
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--push_checkpoints_to_hub", action="store_true", help="Also upload at every checkpoint.")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    p.add_argument("--hub_private_repo", action="store_true")
+    args = p.parse_args(argv)
+    if args.demo:
+        explicit = {a.lstrip("-").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in DEMO_DEFAULTS.items():
+            if key not in explicit:
+                setattr(args, key, value)
+    validate_args(args)
+    return args
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Every bad flag is a one-line error before any model, data or process group is created."""
+    if args.train_data is None:
+        raise SystemExit("error: --train_data is required ('digits' or an .npz file), or use --demo.")
+    if args.output_dir is None:
+        raise SystemExit("error: --output_dir is required.")
+    if args.model not in DIT_PRESETS:
+        raise SystemExit(f"error: --model {args.model!r} is unknown: choose one of {', '.join(DIT_PRESETS)}.")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                 "logging_steps", "validation_steps", "validation_inference_steps", "validation_images_per_class"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name} {getattr(args, name)} must be at least 1.")
+    if not 0.0 <= args.class_dropout_prob < 1.0:
+        raise SystemExit(f"error: --class_dropout_prob {args.class_dropout_prob} must lie in [0, 1).")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise SystemExit(f"error: --ema_decay {args.ema_decay} must lie in (0, 1).")
+    if args.learning_rate <= 0:
+        raise SystemExit(f"error: --learning_rate {args.learning_rate} must be positive.")
+    if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
+        raise SystemExit("error: --enable_xformers_memory_efficient_attention needs a CUDA GPU; drop it on CPU.")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise SystemExit("error: --mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
+    if args.push_checkpoints_to_hub and not args.push_to_hub:
+        raise SystemExit("error: --push_checkpoints_to_hub needs --push_to_hub.")
+    if args.push_to_hub:
+        if not args.hub_model_id:
+            raise SystemExit("error: --push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-speed).")
+        try:
+            args.hub_token = resolve_hub_token(args.hub_token)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
+    try:
+        build_training_scheduler(args)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if args.resume_from_checkpoint not in (None, "latest") and checkpoint_step(args.resume_from_checkpoint) is None:
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder: "
+            "give 'latest' or a path ending in checkpoint-<step>."
+        )
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        probe = os.path.join(args.output_dir, ".write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as error:
+        raise SystemExit(f"error: --output_dir {args.output_dir!r} is not writable ({error.strerror}).")
+
+
+def build_training_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
+    overrides = {
+        key: getattr(args, key)
+        for key in ("timestep_sampling", "loss_weighting", "speed_k", "speed_tau", "speed_lambda",
+                    "min_snr_gamma", "p2_k", "p2_gamma")
+        if getattr(args, key) is not None
+    }
+    if args.dual_sampling is not None:
+        overrides["dual_sampling"] = args.dual_sampling == "on"
+    return SpeeDiTScheduler.from_preset(args.speedit, **overrides)
+
+
+def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict:
+    skip = {"hub_token", "demo"}
+    config = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    config["num_processes"] = accelerator.num_processes
+    config["global_batch_size"] = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    return config
+
+
+@torch.no_grad()
+def sample_grid(pipeline, num_classes: int, per_class: int, guidance_scale: float, steps: int, seed: int):
+    """One row per class (the first 10 classes at most), `per_class` samples each."""
+    classes = list(range(min(num_classes, 10)))
+    labels = [c for c in classes for _ in range(per_class)]
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    images = pipeline(
+        class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps, generator=generator
+    ).images
+    size = max(images[0].size[0], 64)
+    return make_image_grid(images, rows=len(classes), cols=per_class, resize=size)
+
+
+def main(args: argparse.Namespace) -> str:
+    checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    set_seed(args.seed)
+    device = accelerator.device
+
+    # Data and model: every check that can fail does so before training starts.
+    dataset = load_training_data(args.train_data, args.resolution)
+    latent = dataset.latent
+    channels, size, _ = dataset.sample_shape
+    model = create_dit(
+        args.model,
+        seed=args.seed,
+        sample_size=size,
+        in_channels=channels,
+        num_classes=dataset.num_classes,
+        learn_sigma=args.learn_sigma,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+    )
+    dataset.check_model_fits(model.config.sample_size, model.config.in_channels, model.config.num_embeds_ada_norm)
+    disable_internal_label_dropout(model)
+    null_label = null_class_label(model)
+    if args.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    vae = None
+    if latent:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+
+    scheduler = build_training_scheduler(args)
+    loss_fn = DiTLoss(scheduler)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+        fused=device.type == "cuda",
+    )
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    ema = create_ema(model, args.ema_decay) if args.use_ema else None
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    if ema is not None:
+        ema.to(device)
+        accelerator.register_for_checkpointing(ema)
+    if args.compile:
+        model = torch.compile(model)
+
+    global_step = 0
+    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = checkpoint_step(resume_path)
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print("No checkpoint to resume from: starting a new run.")
+
+    config = training_config(args, accelerator)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in config.items()})
+        logger.info(f"{len(dataset)} samples of shape {dataset.sample_shape}, {dataset.num_classes} classes")
+        logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        logger.info(f"global batch {config['global_batch_size']}, steps {args.max_train_steps}, preset {args.speedit}")
+
+    order = DeterministicOrder(len(dataset), args.train_batch_size, accelerator.num_processes, args.seed)
+    quartiles = TimestepQuartileLoss(scheduler.config.num_train_timesteps, device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    images_per_step = config["global_batch_size"]
+    progress = tqdm(
+        total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
+    )
+
+    def check_finite() -> None:
+        bad = int(accelerator.reduce(first_bad_step, reduction="max"))  # -1 means all finite
+        if bad >= 0:
+            raise FloatingPointError(
+                f"loss became NaN or inf at step {bad}; stopping without saving. "
+                "The last good checkpoint is intact: lower --learning_rate or check the data and resume."
+            )
+
+    def checkpoint_now(step: int) -> None:
+        check_finite()
+        save_checkpoint(accelerator, checkpoints_dir, step, {"seed": args.seed}, args.checkpoints_total_limit)
+        _fault_injection("after_checkpoint", step)
+        if args.push_checkpoints_to_hub:
+            export(accelerator, model, ema, scheduler, dataset, vae, args, step, grid=None, push=True)
+
+    model.train()
+    last_log_time, last_log_step = time.perf_counter(), global_step
+    micro_step = global_step * args.gradient_accumulation_steps
+    while global_step < args.max_train_steps:
+        _fault_injection("step", global_step)
+        batch = dataset.get_batch(order.indices(micro_step, accelerator.process_index))
+        x_start = batch["samples"].to(device, non_blocking=True)
+        labels = batch["class_labels"].to(device, non_blocking=True)
+        generator = step_generator(args.seed, accelerator.process_index, micro_step, device)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                out = training_step_loss(
+                    model, scheduler, loss_fn, x_start, labels, generator, args.class_dropout_prob, null_label
+                )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        micro_step += 1
+        loss_detached = out.loss.detach()
+        loss_sum += loss_detached
+        quartiles.update(out.mse, out.timesteps)
+        first_bad_step.copy_(
+            torch.where(~torch.isfinite(loss_detached) & (first_bad_step < 0), global_step + 1, first_bad_step)
+        )
+        if not accelerator.sync_gradients:
+            continue
+
+        if ema is not None:
+            ema.step(accelerator.unwrap_model(model).parameters())
+        global_step += 1
+        progress.update(1)
+
+        if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
+            check_finite()
+            elapsed = time.perf_counter() - last_log_time
+            n_steps = global_step - last_log_step
+            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / (
+                n_steps * args.gradient_accumulation_steps
+            )
+            logs = {
+                "loss": mean_loss,
+                "lr": lr_scheduler.get_last_lr()[0],
+                "images_per_second": n_steps * images_per_step / max(elapsed, 1e-9),
+                **quartiles.read_and_reset(),
+            }
+            loss_sum.zero_()
+            accelerator.log(logs, step=global_step)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_second']:.0f}")
+            last_log_time, last_log_step = time.perf_counter(), global_step
+
+        if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
+            checkpoint_now(global_step)
+        if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+            if accelerator.is_main_process:
+                grid = validation_grid(accelerator, model, ema, scheduler, dataset, vae, args)
+                log_grid(accelerator, grid, global_step)
+            accelerator.wait_for_everyone()
+
+    progress.close()
+    check_finite()
+    if resume_path is None or checkpoint_step(resume_path) != global_step:
+        checkpoint_now(global_step)  # the final state, so that a longer run can resume from it
+    grid = None
+    if accelerator.is_main_process:
+        grid = validation_grid(accelerator, model, ema, scheduler, dataset, vae, args)
+        log_grid(accelerator, grid, global_step)
+    pushed = export(accelerator, model, ema, scheduler, dataset, vae, args, global_step, grid, push=args.push_to_hub)
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(f"Pipeline saved to {os.path.abspath(args.output_dir)}")
+        print(f"Sample grid: {os.path.abspath(os.path.join(args.output_dir, 'samples.png'))}")
+        if args.push_to_hub and not pushed:
+            raise SystemExit(1)
+    return args.output_dir
+
+
+def _ema_weights_model(accelerator: Accelerator, model, ema):
+    """A standalone copy of the transformer holding the EMA weights (or the raw ones without EMA)."""
+    from diffusers import DiTTransformer2DModel
+
+    unwrapped = accelerator.unwrap_model(model)
+    copy = DiTTransformer2DModel.from_config(unwrapped.config).to(accelerator.device)
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    else:
+        copy.load_state_dict(unwrapped.state_dict())
+    return copy.eval()
+
+
+def validation_grid(accelerator, model, ema, scheduler, dataset, vae, args):
+    transformer = _ema_weights_model(accelerator, model, ema)
+    pipeline = build_pipeline(transformer, scheduler, dataset.class_names, vae=vae)
+    pipeline.set_progress_bar_config(disable=True)
+    return sample_grid(
+        pipeline.to(accelerator.device),
+        dataset.num_classes,
+        args.validation_images_per_class,
+        args.validation_guidance_scale,
+        args.validation_inference_steps,
+        args.seed,
+    )
+
+
+def log_grid(accelerator: Accelerator, grid, step: int) -> None:
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_image("samples", np.asarray(grid), step, dataformats="HWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({"samples": wandb.Image(grid)}, step=step)
+
+
+def export(accelerator, model, ema, scheduler, dataset, vae, args, step, grid, push: bool) -> bool:
+    """Write the pipeline folder (EMA weights), the model card and the grid; push if asked."""
+    pushed = True
+    if accelerator.is_main_process:
+        transformer = _ema_weights_model(accelerator, model, ema).to("cpu")
+        pipeline = build_pipeline(transformer, scheduler, dataset.class_names, vae=vae)
+        save_pipeline(pipeline, scheduler, args.output_dir)
+        grid_name = None
+        if grid is not None:
+            grid_name = "samples.png"
+            grid.save(os.path.join(args.output_dir, grid_name))
+        write_model_card(
+            args.output_dir,
+            args.hub_model_id,
+            training_config(args, accelerator),
+            step,
+            grid_name,
+            latent=vae is not None,
+        )
+        if push:
+            pushed = push_folder_to_hub(
+                args.output_dir, args.hub_model_id, args.hub_token, f"step {step}", private=args.hub_private_repo
+            )
+    accelerator.wait_for_everyone()
+    return pushed
+
+
+def _fault_injection(point: str, step: int) -> None:
+    """Test hook: SPEEDIT_TEST_KILL_AT=<point>:<step> kills the process there, as kill -9 would."""
+    target = os.environ.get("SPEEDIT_TEST_KILL_AT")
+    if target and target == f"{point}:{step}":
+        os.kill(os.getpid(), 9)
+
+
+if __name__ == "__main__":
+    main(parse_args())
