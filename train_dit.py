@@ -22,12 +22,12 @@ import time
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
-from speedit_scheduler import PRESETS, SpeeDiTScheduler
+from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
 from speedit_scheduler.data import DeterministicOrder, load_training_data
 from speedit_scheduler.hub import push_folder_to_hub, resolve_hub_token, write_model_card
 from speedit_scheduler.losses import DiTLoss
@@ -37,6 +37,7 @@ from speedit_scheduler.training import (
     build_pipeline,
     checkpoint_step,
     create_ema,
+    learned_variance_scheduler,
     resolve_resume_checkpoint,
     save_checkpoint,
     save_pipeline,
@@ -228,6 +229,8 @@ def sample_grid(pipeline, num_classes: int, per_class: int, guidance_scale: floa
 def main(args: argparse.Namespace) -> str:
     checkpoints_dir = os.path.join(args.output_dir, "checkpoints")
     accelerator = Accelerator(
+        # CPU-only multi-process runs (accelerate_configs/cpu.yaml, torchrun) communicate over gloo.
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -235,6 +238,11 @@ def main(args: argparse.Namespace) -> str:
             project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
         ),
     )
+    if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
+        raise SystemExit(
+            "error: --use_ema with FSDP would average parameter shards; use DDP or DeepSpeed ZeRO-2 "
+            "(accelerate_configs/multi_gpu_8.yaml, deepspeed_zero2.yaml) or pass --no-use_ema."
+        )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -427,8 +435,14 @@ def _ema_weights_model(accelerator: Accelerator, model, ema):
 
 
 def validation_grid(accelerator, model, ema, scheduler, dataset, vae, args):
+    # The project pipeline: stock DiTPipeline hard-codes 1000 classes for guidance.
     transformer = _ema_weights_model(accelerator, model, ema)
-    pipeline = build_pipeline(transformer, scheduler, dataset.class_names, vae=vae)
+    pipeline = SpeeDiTPipeline(
+        transformer=transformer,
+        scheduler=learned_variance_scheduler(scheduler, clip_sample=vae is None),
+        vae=vae,
+        id2label=dict(enumerate(dataset.class_names)),
+    )
     pipeline.set_progress_bar_config(disable=True)
     return sample_grid(
         pipeline.to(accelerator.device),

@@ -104,7 +104,8 @@ def load_digits_dataset(resolution: int = 8) -> ClassConditionalDataset:
 
 
 def load_npz_images(path: str, resolution: int | None = None) -> ClassConditionalDataset:
-    """Images from an `.npz` with `images` (uint8, N x H x W or N x H x W x C) and `labels`.
+    """Images from an `.npz` with `images` (uint8, N x H x W or N x H x W x C) and `labels`, or
+    pre-scaled VAE latents with `latents` (float, N x C x H x W) and `labels`.
 
     This is the format of MNIST in `mnist10k.npz`; `resolution` pads (28 -> 32 for MNIST).
     Optional `class_names` in the file name the classes, else they are "0", "1", ...
@@ -112,11 +113,24 @@ def load_npz_images(path: str, resolution: int | None = None) -> ClassConditiona
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--train_data {path!r} does not exist: give an .npz file or a latents folder.")
     with np.load(path) as data:
-        missing = {"images", "labels"} - set(data.files)
+        key = "latents" if "latents" in data.files else "images"
+        missing = {key, "labels"} - set(data.files)
         if missing:
-            raise ValueError(f"{path!r} lacks the arrays {sorted(missing)}: it needs 'images' and 'labels'.")
-        images, labels = data["images"], data["labels"]
+            raise ValueError(f"{path!r} lacks the arrays {sorted(missing)}: it needs 'images' (or 'latents') and 'labels'.")
+        images, labels = data[key], data["labels"]
         class_names = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
+    if key == "latents":
+        if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
+            raise ValueError(f"{path!r}: latents must be floats of shape N x C x H x W, got {images.dtype} {images.shape}.")
+        if class_names is None:
+            class_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
+        return ClassConditionalDataset(
+            samples=torch.from_numpy(images.astype(np.float32)),
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            class_names=class_names,
+            latent=True,
+            info={"dataset": os.path.basename(path)},
+        )
     if images.dtype != np.uint8:
         raise ValueError(f"{path!r}: images must be uint8 in [0, 255], got {images.dtype}.")
     if images.ndim == 3:

@@ -168,20 +168,27 @@ def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> 
 # --------------------------------------------------------------------------------------------
 # export
 # --------------------------------------------------------------------------------------------
+def _scheduler_like(cls, training_scheduler: SpeeDiTScheduler, **overrides):
+    accepted = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in training_scheduler.config.items() if k in accepted}
+    return cls(**{**config, **overrides, "timestep_spacing": "linspace"})
+
+
+def learned_variance_scheduler(training_scheduler: SpeeDiTScheduler, clip_sample: bool) -> DDPMScheduler:
+    """Ancestral DDPM sampling with the model's learned variance and DiT's even respacing."""
+    return _scheduler_like(DDPMScheduler, training_scheduler, variance_type="learned_range", clip_sample=clip_sample)
+
+
 def inference_scheduler(training_scheduler: SpeeDiTScheduler, latent: bool):
     """The scheduler saved with the pipeline.
 
     Latent models get a DDIM scheduler with the training schedule, as DiT's Hub checkpoints do,
     so stock `DiTPipeline` loads and runs them. Pixel models get DDPM ancestral sampling with the
-    learned variance, as DiT samples for evaluation, with DiT's even respacing.
+    learned variance, as DiT samples for evaluation.
     """
-    cls, overrides = (DDIMScheduler, {"clip_sample": False, "set_alpha_to_one": False}) if latent else (
-        DDPMScheduler,
-        {"variance_type": "learned_range", "clip_sample": True},
-    )
-    accepted = inspect.signature(cls.__init__).parameters
-    config = {k: v for k, v in training_scheduler.config.items() if k in accepted}
-    return cls(**{**config, **overrides, "timestep_spacing": "linspace"})
+    if latent:
+        return _scheduler_like(DDIMScheduler, training_scheduler, clip_sample=False, set_alpha_to_one=False)
+    return learned_variance_scheduler(training_scheduler, clip_sample=True)
 
 
 def build_pipeline(

@@ -1,0 +1,351 @@
+"""End-to-end runs of the real train_dit.py on tiny models, on the CPU."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train_dit
+from speedit_scheduler import SpeeDiTScheduler
+from speedit_scheduler.data import DeterministicOrder
+from speedit_scheduler.training import list_checkpoints, resolve_resume_checkpoint, save_checkpoint, step_generator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "--train_data", "digits", "--model", "S/2", "--num_layers", "2", "--hidden_size", "32",
+    "--num_attention_heads", "2", "--train_batch_size", "8", "--validation_steps", "1000",
+    "--validation_inference_steps", "4", "--validation_images_per_class", "1", "--report_to", "none",
+    "--logging_steps", "1", "--learning_rate", "1e-3",
+]
+
+
+def env(**extra):
+    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT, **extra}
+    e.pop("SPEEDIT_TEST_KILL_AT", None)
+    e.update(extra)
+    return e
+
+
+def run_script(args, extra_env=None, launcher=None):
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train_dit.py"), *args]
+    return subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=600)
+
+
+def checkpoint_tensors(path):
+    out = {f"model.{k}": v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    optim = torch.load(os.path.join(path, "optimizer.bin"), weights_only=True)
+    for key, state in optim["state"].items():
+        for name, value in state.items():
+            out[f"optim.{key}.{name}"] = value
+    ema = torch.load(os.path.join(path, "custom_checkpoint_0.pkl"), weights_only=False)
+    for i, value in enumerate(ema["shadow_params"]):
+        out[f"ema.{i}"] = value
+    out["ema.optimization_step"] = torch.tensor(ema["optimization_step"])
+    return out
+
+
+def assert_bitwise_equal(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path):
+    common = TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2"]
+    straight = run_script(common + ["--output_dir", str(tmp_path / "a")])
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out_b = str(tmp_path / "b")
+    killed = run_script(
+        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2"], {"SPEEDIT_TEST_KILL_AT": "step:5"}
+    )
+    assert killed.returncode == -9
+    names = sorted(os.listdir(os.path.join(out_b, "checkpoints")))
+    assert names == ["checkpoint-2", "checkpoint-4"]
+    resumed = run_script(
+        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"]
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout + resumed.stderr
+    assert sorted(os.listdir(os.path.join(out_b, "checkpoints"))) == ["checkpoint-4", "checkpoint-6"]
+
+    assert_bitwise_equal(
+        checkpoint_tensors(tmp_path / "a" / "checkpoints" / "checkpoint-6"),
+        checkpoint_tensors(os.path.join(out_b, "checkpoints", "checkpoint-6")),
+    )
+    exported_a = load_file(tmp_path / "a" / "transformer" / "diffusion_pytorch_model.safetensors")
+    exported_b = load_file(os.path.join(out_b, "transformer", "diffusion_pytorch_model.safetensors"))
+    assert_bitwise_equal(exported_a, exported_b)
+    state = json.load(open(os.path.join(out_b, "checkpoints", "checkpoint-6", "training_state.json")))
+    assert state["step"] == 6 and state["seed"] == 0
+
+
+class _InterruptedAccelerator:
+    """Writes part of a checkpoint, then dies as a kill mid-write would."""
+
+    is_main_process = True
+
+    def wait_for_everyone(self):
+        pass
+
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.safetensors"), "w").write("partial")
+        raise KeyboardInterrupt
+
+
+class _GoodAccelerator(_InterruptedAccelerator):
+    def save_state(self, path):
+        os.makedirs(path, exist_ok=True)
+        open(os.path.join(path, "model.safetensors"), "w").write("complete")
+
+
+def test_a_kill_mid_write_never_becomes_latest(tmp_path):
+    ckpts = str(tmp_path)
+    save_checkpoint(_GoodAccelerator(), ckpts, 2, {}, total_limit=1)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_InterruptedAccelerator(), ckpts, 4, {}, total_limit=1)
+    assert [os.path.basename(p) for p in list_checkpoints(ckpts)] == ["checkpoint-2"]  # not pruned either
+    assert resolve_resume_checkpoint("latest", ckpts).endswith("checkpoint-2")
+    save_checkpoint(_GoodAccelerator(), ckpts, 4, {}, total_limit=1)
+    assert sorted(os.listdir(ckpts)) == ["checkpoint-4"]
+    assert resolve_resume_checkpoint("latest", str(tmp_path / "none")) is None
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        resolve_resume_checkpoint(str(tmp_path / "nope"), ckpts)
+
+
+def test_processes_get_disjoint_samples_and_different_timesteps():
+    order = DeterministicOrder(dataset_size=50, per_device_batch=8, num_processes=3, seed=0)
+    seen = []
+    for step in range(2):  # 48 samples: all distinct within an epoch
+        parts = [order.indices(step, rank) for rank in range(3)]
+        seen += [i for p in parts for i in p.tolist()]
+    assert len(set(seen)) == 48
+    epoch_two = torch.cat([order.indices(s, r) for s in range(2, 5) for r in range(3)])
+    assert set(range(50)) <= set(seen) | set(epoch_two[:2].tolist()) | set(epoch_two.tolist())
+    scheduler = SpeeDiTScheduler()
+    t0 = scheduler.sample_timesteps(32, step_generator(0, 0, 7, "cpu"))[0]
+    t1 = scheduler.sample_timesteps(32, step_generator(0, 1, 7, "cpu"))[0]
+    again = scheduler.sample_timesteps(32, step_generator(0, 0, 7, "cpu"))[0]
+    assert not torch.equal(t0, t1) and torch.equal(t0, again)
+
+
+def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(ROOT, "accelerate_configs", "cpu.yaml")]
+    out = str(tmp_path / "ddp")
+    first = run_script(TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out],
+                       launcher=launcher)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "global batch 16" in first.stderr + first.stdout
+    second = run_script(
+        TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", out,
+                "--resume_from_checkpoint", "latest"],
+        launcher=launcher,
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "checkpoint-4" in second.stdout + second.stderr
+    assert os.path.isdir(os.path.join(out, "checkpoints", "checkpoint-6"))
+    assert os.path.isfile(os.path.join(out, "random_states_1.pkl")) is False
+    assert os.path.isfile(os.path.join(out, "checkpoints", "checkpoint-6", "random_states_1.pkl"))
+    from speedit_scheduler import SpeeDiTPipeline
+
+    pipe = SpeeDiTPipeline.from_pretrained(out)
+    images = pipe(class_labels=[1, 2], num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 1)
+
+
+def _tiny_vae(path):
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
+        norm_num_groups=4, layers_per_block=1, sample_size=16,
+    )
+    vae.save_pretrained(path)
+    return vae
+
+
+def test_latent_export_loads_with_stock_diffusers(tmp_path):
+    from diffusers import DiffusionPipeline, DiTPipeline
+
+    _tiny_vae(tmp_path / "vae")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "latents.npz", latents=rng.normal(size=(24, 4, 8, 8)).astype(np.float32),
+             labels=np.arange(24) % 3, class_names=np.array(["cat", "dog", "fish"]))
+    out = str(tmp_path / "out")
+    args = train_dit.parse_args([
+        "--train_data", str(tmp_path / "latents.npz"), "--pretrained_vae_model_name_or_path", str(tmp_path / "vae"),
+        "--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
+        "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",
+        "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--output_dir", out,
+    ])
+    train_dit.main(args)
+    pipe = DiffusionPipeline.from_pretrained(out)  # stock diffusers, no project import needed
+    assert isinstance(pipe, DiTPipeline)
+    assert pipe.get_label_ids(["dog", "fish"]) == [1, 2]
+    images = pipe(class_labels=[0, 2], guidance_scale=1.0, num_inference_steps=2, output_type="np").images
+    assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
+    assert os.path.isfile(os.path.join(out, "training_scheduler", "scheduler_config.json"))
+    training = SpeeDiTScheduler.from_pretrained(os.path.join(out, "training_scheduler"))
+    assert training.config.timestep_sampling == "speed"
+    card = open(os.path.join(out, "README.md")).read()
+    assert "library_name: diffusers" in card and "speedit" in card and "2 steps" in card
+
+
+def _tiny_args(out, *extra):
+    return train_dit.parse_args(TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2",
+                                        "--output_dir", str(out), *extra])
+
+
+def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, caplog):
+    from huggingface_hub import HfApi
+
+    import speedit_scheduler.hub as hub
+
+    calls = {"commits": [], "fail": 2}
+    token = "test-secret-token-0123456789"
+
+    def fake_create_commit(self, repo_id, operations, *args, **kwargs):
+        if calls["fail"]:
+            calls["fail"] -= 1
+            raise OSError(f"503 Service Unavailable for token {token}")
+        calls["commits"].append((repo_id, sorted(op.path_in_repo for op in operations)))
+
+    import huggingface_hub.hf_api
+
+    # upload_folder's single-commit path, so that the fake commit sees every file it collected.
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)  # an HTTP call
+    monkeypatch.setattr(hub, "create_repo", lambda *a, **k: None)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    out = tmp_path / "out"
+    train_dit.main(_tiny_args(out, "--push_to_hub", "--hub_model_id", "me/tiny-dit", "--hub_token", token))
+    assert len(calls["commits"]) == 1  # two failures, then a retry that succeeded
+    repo_id, uploaded = calls["commits"][0]
+    local = sorted(
+        os.path.relpath(os.path.join(d, f), out).replace(os.sep, "/")
+        for d, _, files in os.walk(out)
+        for f in files
+    )
+    local = [f for f in local if not f.startswith(("checkpoints/", "logs/"))]
+    assert repo_id == "me/tiny-dit" and uploaded == local
+    assert {"model_index.json", "README.md", "samples.png", "transformer/config.json"} <= set(uploaded)
+    assert "failed (attempt 1/3)" in caplog.text and token not in caplog.text
+
+
+def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+
+    import speedit_scheduler.hub as hub
+
+    def always_fail(self, *args, **kwargs):
+        raise OSError("500 Internal Server Error")
+
+    import huggingface_hub.hf_api
+
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    monkeypatch.setattr(HfApi, "create_commit", always_fail)
+    monkeypatch.setattr(hub, "create_repo", lambda *a, **k: None)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        train_dit.main(_tiny_args(out, "--push_to_hub", "--hub_model_id", "me/x", "--hub_token", "t"))
+    assert exit_info.value.code == 1
+    assert os.path.isfile(out / "model_index.json") and os.path.isdir(out / "checkpoints" / "checkpoint-4")
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = train_dit.training_step_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] >= 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(train_dit, "training_step_loss", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(FloatingPointError, match="NaN or inf at step 3"):
+        train_dit.main(_tiny_args(out))
+    assert [os.path.basename(p) for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "XXL/2"], "--model 'XXL/2' is unknown"),
+        (["--speedit", "speed", "--speed_lambda", "5"], "speed_lambda=5.0 is out of range"),
+        (["--speed_tau", "700"], "speed_tau=700.0 is out of range"),
+        (["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
+        (["--mixed_precision", "fp16"], "needs a CUDA GPU"),
+        (["--push_to_hub", "--hub_token", "x"], "--push_to_hub needs --hub_model_id"),
+        (["--push_to_hub", "--hub_model_id", "me/x"], "--push_to_hub needs a Hugging Face token"),
+        (["--push_checkpoints_to_hub"], "needs --push_to_hub"),
+        (["--class_dropout_prob", "1.5"], "--class_dropout_prob 1.5"),
+        (["--train_batch_size", "0"], "--train_batch_size 0 must be at least 1"),
+        (["--resume_from_checkpoint", "/nowhere/step-3"], "is not a checkpoint folder"),
+    ],
+)
+def test_bad_flags_fail_fast_with_one_line(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        train_dit.parse_args(["--train_data", "digits", "--output_dir", str(tmp_path / "o"), *argv])
+    text = str(exit_info.value.code)
+    assert message in text and "\n" not in text
+
+
+def test_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit, match="is not writable"):
+        train_dit.parse_args(["--train_data", "digits", "--output_dir", str(blocker / "sub")])
+
+
+def test_bad_data_fails_before_training(tmp_path):
+    np.savez(tmp_path / "bad_labels.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 2, 7]),
+             class_names=np.array(["a", "b", "c"]))
+    with pytest.raises(ValueError, match=r"labels span \[0, 7\] .* must lie in \[0, 3\)"):
+        train_dit.main(_tiny_args(tmp_path / "o1", "--train_data", str(tmp_path / "bad_labels.npz")))
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64),
+             class_names=np.array(["a"]))
+    with pytest.raises(ValueError, match="the dataset is empty"):
+        train_dit.main(_tiny_args(tmp_path / "o2", "--train_data", str(tmp_path / "empty.npz")))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train_dit.main(_tiny_args(tmp_path / "o3", "--train_data", str(tmp_path / "missing.npz")))
+    np.savez(tmp_path / "odd.npz", images=np.zeros((4, 7, 7), np.uint8), labels=np.zeros(4, np.int64))
+    with pytest.raises(ValueError, match="sample_size=7 is not divisible by the patch size 2"):
+        train_dit.main(_tiny_args(tmp_path / "o4", "--train_data", str(tmp_path / "odd.npz")))
+
+
+def test_shortened_demo_generates_recognisable_digits(tmp_path):
+    """The README demo's code path, shortened: class-conditional samples land in their class."""
+    from speedit_scheduler import SpeeDiTPipeline
+    from speedit_scheduler.data import load_digits_dataset
+    from speedit_scheduler.evaluation import ReferenceClassifier
+
+    out = tmp_path / "demo"
+    args = train_dit.parse_args(["--demo", "--output_dir", str(out), "--max_train_steps", "800",
+                                 "--ema_decay", "0.99", "--report_to", "none", "--validation_inference_steps", "20",
+                                 "--validation_images_per_class", "2"])
+    train_dit.main(args)
+    assert os.path.isfile(out / "samples.png")
+    digits = load_digits_dataset()
+    classifier = ReferenceClassifier(digits.samples.float() / 255, digits.labels)
+    pipe = SpeeDiTPipeline.from_pretrained(out)
+    labels = [c for c in range(10) for _ in range(20)]
+    images = pipe(class_labels=labels, guidance_scale=2.0, num_inference_steps=50, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    accuracy = classifier.accuracy(images, labels)
+    print(f"shortened demo: classifier accuracy of samples {accuracy:.3f} (chance 0.1)")
+    assert accuracy > 0.5
