@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -136,17 +137,22 @@ def test_processes_get_disjoint_samples_and_different_timesteps():
 
 
 def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                os.path.join(ROOT, "accelerate_configs", "cpu.yaml")]
+    def launcher():  # a fresh rendezvous port per launch: the last one may still be in TIME_WAIT
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(ROOT, "accelerate_configs", "cpu.yaml"), "--main_process_port", str(port)]
+
     out = str(tmp_path / "ddp")
     first = run_script(TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out],
-                       launcher=launcher)
+                       launcher=launcher())
     assert first.returncode == 0, first.stderr[-3000:]
     assert "global batch 16" in first.stderr + first.stdout
     second = run_script(
         TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", out,
                 "--resume_from_checkpoint", "latest"],
-        launcher=launcher,
+        launcher=launcher(),
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "checkpoint-4" in second.stdout + second.stderr

@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Does SpeeD train faster? Train the same DiT from the same initialisation and data order with
+several timestep presets and compare sample quality along training.
+
+    python scripts/compare_convergence.py                       # digits, small DiT, CPU
+    python scripts/compare_convergence.py --train_data mnist10k.npz --resolution 32 \
+        --model S/2 --num_layers 12 --hidden_size 384 --num_attention_heads 6 \
+        --batch_size 256 --max_steps 10000 --eval_every 1000 --device cuda --mixed_precision bf16
+
+Writes results.json, table.md (quality per step and the speed-up against `uniform`) and
+convergence.png to --output_dir. Quality: Frechet distance in the features of a classifier
+trained on the real images, and the classifier's accuracy on class-conditional samples.
+"""
+
+import argparse
+import os
+import shlex
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from speedit_scheduler import PRESETS  # noqa: E402
+from speedit_scheduler.convergence import (  # noqa: E402
+    ComparisonConfig,
+    run_comparison,
+    runs_from_progress,
+    write_report,
+)
+
+
+def parse_args(argv=None):
+    defaults = ComparisonConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=defaults.presets, choices=sorted(PRESETS))
+    p.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
+    p.add_argument("--train_data", default=defaults.train_data, help="'digits' or an .npz of images and labels.")
+    p.add_argument("--resolution", type=int, default=None, help="Pad images to this side (32 for MNIST).")
+    p.add_argument("--model", default=defaults.model)
+    p.add_argument("--num_layers", type=int, default=defaults.num_layers)
+    p.add_argument("--hidden_size", type=int, default=defaults.hidden_size)
+    p.add_argument("--num_attention_heads", type=int, default=defaults.num_attention_heads)
+    p.add_argument("--batch_size", type=int, default=defaults.batch_size)
+    p.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--ema_decay", type=float, default=defaults.ema_decay)
+    p.add_argument("--max_steps", type=int, default=defaults.max_steps)
+    p.add_argument("--eval_every", type=int, default=defaults.eval_every)
+    p.add_argument("--eval_samples_per_class", type=int, default=defaults.eval_samples_per_class)
+    p.add_argument("--eval_inference_steps", type=int, default=defaults.eval_inference_steps)
+    p.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
+    p.add_argument("--num_workers", type=int, default=1, help="Runs in parallel (e.g. several on one GPU).")
+    p.add_argument("--output_dir", default="convergence")
+    p.add_argument("--from_progress", default=None, help="Only rebuild the report from a progress.jsonl.")
+    args = p.parse_args(argv)
+    if "uniform" not in args.presets:
+        p.error("--presets must include 'uniform', the baseline of the speed-up.")
+    if args.eval_every < 1 or args.max_steps < args.eval_every:
+        p.error(f"--eval_every {args.eval_every} must lie in [1, --max_steps {args.max_steps}].")
+    if args.train_data != "digits" and not os.path.isfile(args.train_data):
+        p.error(f"--train_data {args.train_data!r} does not exist: give 'digits' or an .npz file (e.g. MNIST).")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    fields = ComparisonConfig.__dataclass_fields__
+    config = ComparisonConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    command = "python scripts/compare_convergence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.from_progress:
+        runs = runs_from_progress(args.from_progress)
+    else:
+        os.makedirs(args.output_dir, exist_ok=True)
+        config.progress_path = os.path.join(args.output_dir, "progress.jsonl")
+        if os.path.exists(config.progress_path):
+            os.remove(config.progress_path)
+        runs = run_comparison(config, num_workers=args.num_workers)
+    write_report(runs, config, args.output_dir, command, ["frechet_distance", "accuracy"])
+    print(f"Wrote {os.path.abspath(args.output_dir)}/{{results.json,table.md,convergence.png}}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Convergence comparison of timestep presets: same model initialisation, same data order, same
+per-step random streams, only the training scheduler differs. Used by
+`scripts/compare_convergence.py`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .data import ClassConditionalDataset, DeterministicOrder, load_training_data
+from .evaluation import ReferenceClassifier
+from .losses import DiTLoss
+from .models import create_dit, disable_internal_label_dropout, null_class_label
+from .pipeline_speedit import SpeeDiTPipeline
+from .scheduling_speedit import SpeeDiTScheduler
+from .training import create_ema, learned_variance_scheduler, step_generator, training_step_loss
+
+
+@dataclass
+class ComparisonConfig:
+    presets: list[str] = field(default_factory=lambda: ["uniform", "speed", "speedit-v1", "min-snr", "p2", "logit-normal"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    train_data: str = "digits"
+    resolution: int | None = None
+    model: str = "S/2"
+    num_layers: int | None = 4
+    hidden_size: int | None = 128
+    num_attention_heads: int | None = 4
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    ema_decay: float = 0.999
+    class_dropout_prob: float = 0.1
+    max_steps: int = 1500
+    eval_every: int = 250
+    eval_samples_per_class: int = 50
+    eval_inference_steps: int = 50
+    guidance_scale: float = 1.0
+    device: str = "cpu"
+    mixed_precision: str = "no"  # "bf16" autocast on GPUs
+    progress_path: str | None = None  # JSON lines appended at every evaluation (survives a kill)
+
+
+class ClassifierMetric:
+    """Frechet distance in the features of a classifier trained on the real images (lower is
+    better) and the class accuracy of class-conditional samples."""
+
+    primary = "frechet_distance"
+
+    def __init__(self, dataset: ClassConditionalDataset):
+        if dataset.latent:
+            raise ValueError("the classifier metric needs pixel data; pass a pixel .npz or 'digits'.")
+        self.classifier = ReferenceClassifier(dataset.samples.float() / 255.0, dataset.labels)
+
+    def __call__(self, images: torch.Tensor, labels: list[int]) -> dict[str, float]:
+        return {
+            "frechet_distance": self.classifier.frechet_distance(images),
+            "accuracy": self.classifier.accuracy(images, labels),
+        }
+
+
+@torch.no_grad()
+def generate(model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int):
+    pipeline = SpeeDiTPipeline(
+        transformer=model, scheduler=learned_variance_scheduler(scheduler, clip_sample=True)
+    ).to(config.device)
+    pipeline.set_progress_bar_config(disable=True)
+    labels = [c for c in range(num_classes) for _ in range(per_class)]
+    generator = torch.Generator(device=config.device).manual_seed(10_000 + seed)
+    images = pipeline(
+        class_labels=labels,
+        guidance_scale=config.guidance_scale,
+        num_inference_steps=config.eval_inference_steps,
+        generator=generator,
+        output_type="pt",
+    ).images
+    return images.float().cpu(), labels
+
+
+def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: ClassConditionalDataset, metric) -> dict:
+    """Train one preset from seed `seed`'s initialisation and evaluate its EMA at fixed steps."""
+    device = torch.device(config.device)
+    channels, size, _ = dataset.sample_shape
+    model = create_dit(
+        config.model,
+        seed=seed,
+        sample_size=size,
+        in_channels=channels,
+        num_classes=dataset.num_classes,
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+    )
+    disable_internal_label_dropout(model).to(device).train()
+    scheduler = SpeeDiTScheduler.from_preset(preset)
+    loss_fn = DiTLoss(scheduler)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
+    ema = create_ema(model, config.ema_decay)
+    ema.to(device)
+    order = DeterministicOrder(len(dataset), config.batch_size, 1, seed)
+    null_label = null_class_label(model)
+    eval_model = create_dit(
+        config.model, sample_size=size, in_channels=channels, num_classes=dataset.num_classes,
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+    ).to(device).eval()
+    samples = dataset.samples.to(device) if device.type == "cuda" else dataset.samples
+    labels_all = dataset.labels.to(samples.device)
+    use_bf16 = config.mixed_precision == "bf16"
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    history, losses, start = [], [], time.perf_counter()
+    for step in range(1, config.max_steps + 1):
+        index = order.indices(step - 1, 0).to(samples.device)
+        x0 = samples[index]
+        x0 = (x0.float() / 127.5 - 1.0) if x0.dtype == torch.uint8 else x0.float()
+        generator = step_generator(seed, 0, step - 1, device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            out = training_step_loss(
+                model, scheduler, loss_fn, x0.to(device), labels_all[index].to(device), generator,
+                config.class_dropout_prob, null_label,
+            )
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+        losses.append(out.loss.detach())
+        if step % 100 == 0 and step % config.eval_every:
+            rate = step / (time.perf_counter() - start)
+            print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s", flush=True)
+        if step % config.eval_every == 0 or step == config.max_steps:
+            ema.copy_to(eval_model.parameters())
+            images, labels = generate(eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed)
+            values = metric(images, labels)
+            loss = torch.stack(losses).float().mean().item()
+            losses = []
+            history.append({"step": step, "train_loss": loss, "seconds": time.perf_counter() - start, **values})
+            if config.progress_path:
+                with open(config.progress_path, "a") as f:
+                    f.write(json.dumps({"preset": preset, "seed": seed, **history[-1]}) + "\n")
+            print(f"[{preset} seed {seed}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "step"), flush=True)
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{preset} seed {seed}: loss became NaN or inf before step {step}.")
+    return {"preset": preset, "seed": seed, "history": history}
+
+
+def _worker(args):
+    preset, seed, config_dict, metric, threads = args
+    # Several workers on one machine: split the cores instead of oversubscribing them.
+    torch.set_num_threads(threads)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(threads):
+        config = ComparisonConfig(**config_dict)
+        dataset = load_training_data(config.train_data, config.resolution)
+        return train_one(preset, seed, config, dataset, metric)
+
+
+def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]:
+    """Every (preset, seed) run, one after the other or `num_workers` at a time.
+
+    The metric (its classifier) is built once and shared, so every run is judged by the same one.
+    """
+    dataset = load_training_data(config.train_data, config.resolution)
+    metric = ClassifierMetric(dataset)
+    threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
+    jobs = [(preset, seed, asdict(config), metric, threads) for seed in config.seeds for preset in config.presets]
+    if num_workers <= 1:
+        return [train_one(preset, seed, config, dataset, metric) for preset, seed, *_ in jobs]
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(num_workers) as pool:
+        return pool.map(_worker, jobs, chunksize=1)
+
+
+def runs_from_progress(path: str) -> list[dict]:
+    """Rebuild runs from a progress file, cut to the evaluation steps that every run reached."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    with open(path) as f:
+        for line in f:
+            record = json.loads(line)
+            key = (record.pop("preset"), record.pop("seed"))
+            runs.setdefault(key, []).append(record)
+    common = set.intersection(*({h["step"] for h in history} for history in runs.values()))
+    return [
+        {"preset": preset, "seed": seed, "history": sorted((h for h in history if h["step"] in common), key=lambda h: h["step"])}
+        for (preset, seed), history in runs.items()
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# summaries
+# --------------------------------------------------------------------------------------------
+def mean_curves(runs: list[dict], key: str) -> dict[str, dict[str, np.ndarray]]:
+    """Per preset: steps, mean and standard deviation over seeds of `key`."""
+    curves = {}
+    for preset in dict.fromkeys(r["preset"] for r in runs):
+        histories = [r["history"] for r in runs if r["preset"] == preset]
+        steps = np.array([h["step"] for h in histories[0]])
+        values = np.array([[h[key] for h in history] for history in histories])
+        curves[preset] = {"steps": steps, "mean": values.mean(0), "std": values.std(0)}
+    return curves
+
+
+def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float, lower_is_better: bool = True) -> float:
+    """First (linearly interpolated) step at which a curve reaches `target`; inf if never."""
+    sign = 1.0 if lower_is_better else -1.0
+    v = sign * values
+    t = sign * target
+    if v[0] <= t:
+        return float(steps[0])
+    for i in range(1, len(steps)):
+        if v[i] <= t:
+            frac = (v[i - 1] - t) / (v[i - 1] - v[i])
+            return float(steps[i - 1] + frac * (steps[i] - steps[i - 1]))
+    return math.inf
+
+
+def speedup_table(runs: list[dict], key: str, baseline: str = "uniform", lower_is_better: bool = True) -> list[dict]:
+    """For every preset and evaluation step: its mean quality, and the speed-up = steps the
+    baseline needs to reach that quality / steps the preset needed (inf: baseline never does)."""
+    curves = mean_curves(runs, key)
+    if baseline not in curves:
+        raise ValueError(f"the baseline preset {baseline!r} was not run: add it to --presets.")
+    base = curves[baseline]
+    rows = []
+    for preset, curve in curves.items():
+        for step, mean, std in zip(curve["steps"], curve["mean"], curve["std"]):
+            needed = steps_to_reach(base["steps"], base["mean"], mean, lower_is_better)
+            rows.append({"preset": preset, "step": int(step), "mean": float(mean), "std": float(std),
+                         "baseline_steps": needed, "speedup": needed / float(step)})
+    return rows
+
+
+def markdown_table(runs: list[dict], metrics: list[str], baseline: str = "uniform") -> str:
+    primary = metrics[0]
+    rows = speedup_table(runs, primary, baseline)
+    secondary = {m: mean_curves(runs, m) for m in metrics[1:]}
+    header = f"| preset | step | {primary} (mean ± std) | " + " | ".join(f"{m}" for m in metrics[1:])
+    header += f" | speed-up vs {baseline} |\n|" + " --- |" * (4 + len(metrics[1:])) + "\n"
+    lines = []
+    for row in rows:
+        i = list(secondary[metrics[1]][row["preset"]]["steps"]).index(row["step"]) if metrics[1:] else 0
+        extra = " | ".join(f"{secondary[m][row['preset']]['mean'][i]:.3f}" for m in metrics[1:])
+        speedup = "baseline never reaches it" if math.isinf(row["speedup"]) else f"{row['speedup']:.2f}x"
+        lines.append(
+            f"| {row['preset']} | {row['step']} | {row['mean']:.3f} ± {row['std']:.3f} | {extra} | {speedup} |"
+        )
+    return header + "\n".join(lines) + "\n"
+
+
+def plot(runs: list[dict], metrics: list[str], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4.5))
+    axes = np.atleast_1d(axes)
+    for ax, metric in zip(axes, metrics):
+        for preset, curve in mean_curves(runs, metric).items():
+            ax.plot(curve["steps"], curve["mean"], marker="o", label=preset)
+            ax.fill_between(curve["steps"], curve["mean"] - curve["std"], curve["mean"] + curve["std"], alpha=0.2)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(runs: list[dict], config: ComparisonConfig, output_dir: str, command: str, metrics: list[str]) -> None:
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "results.json"), "w") as f:
+        json.dump({"config": asdict(config), "command": command, "runs": runs}, f, indent=1)
+    table = markdown_table(runs, metrics)
+    with open(os.path.join(output_dir, "table.md"), "w") as f:
+        f.write(f"Command: `{command}`\n\n{table}")
+    plot(runs, metrics, os.path.join(output_dir, "convergence.png"),
+         f"{config.train_data} {config.model}, batch {config.batch_size}, seeds {config.seeds}")
+    print(table)

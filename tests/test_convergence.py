@@ -1,0 +1,55 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from speedit_scheduler.convergence import runs_from_progress, speedup_table, steps_to_reach
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_steps_to_reach_interpolates():
+    steps = np.array([100, 200, 300])
+    assert steps_to_reach(steps, np.array([10.0, 6.0, 2.0]), 4.0) == 250.0
+    assert steps_to_reach(steps, np.array([10.0, 6.0, 2.0]), 12.0) == 100.0
+    assert math.isinf(steps_to_reach(steps, np.array([10.0, 6.0, 5.0]), 4.0))
+    assert steps_to_reach(steps, np.array([0.1, 0.5, 0.9]), 0.7, lower_is_better=False) == 250.0
+
+
+def test_speedup_of_a_preset_twice_as_fast():
+    baseline = [{"step": s, "fd": 100.0 / s} for s in (100, 200, 400, 800)]
+    fast = [{"step": s, "fd": 50.0 / s} for s in (100, 200, 400, 800)]  # reaches at s what uniform reaches at 2s
+    runs = [{"preset": "uniform", "seed": 0, "history": baseline}, {"preset": "speed", "seed": 0, "history": fast}]
+    rows = {(r["preset"], r["step"]): r for r in speedup_table(runs, "fd")}
+    assert rows[("uniform", 400)]["speedup"] == 1.0
+    assert rows[("speed", 200)]["speedup"] > 1.5 and rows[("speed", 200)]["baseline_steps"] < 800
+    assert math.isinf(rows[("speed", 800)]["speedup"])  # 0.0625: uniform never gets there
+
+
+def test_shortened_comparison_end_to_end(tmp_path):
+    out = tmp_path / "conv"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "compare_convergence.py"), "--presets", "uniform", "speed",
+           "--seeds", "0", "--max_steps", "6", "--eval_every", "3", "--eval_samples_per_class", "2",
+           "--eval_inference_steps", "3", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
+           "--batch_size", "8", "--output_dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name in ("results.json", "table.md", "convergence.png", "progress.jsonl"):
+        assert (out / name).is_file(), name
+    data = json.loads((out / "results.json").read_text())
+    assert {(r["preset"], r["seed"]) for r in data["runs"]} == {("uniform", 0), ("speed", 0)}
+    for run in data["runs"]:
+        assert [h["step"] for h in run["history"]] == [3, 6]
+        for h in run["history"]:
+            assert h["frechet_distance"] >= 0 and 0 <= h["accuracy"] <= 1 and math.isfinite(h["train_loss"])
+    # The same initialisation and data: both presets start from identical weights, so their first
+    # losses differ only through timesteps and weights, and the table reports both.
+    table = (out / "table.md").read_text()
+    assert "| uniform | 6 |" in table and "| speed | 6 |" in table and "speed-up vs uniform" in table
+    rebuilt = runs_from_progress(str(out / "progress.jsonl"))
+    assert sorted((r["preset"], len(r["history"])) for r in rebuilt) == [("speed", 2), ("uniform", 2)]
+    assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
