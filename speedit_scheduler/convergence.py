@@ -284,5 +284,6 @@ def write_report(runs: list[dict], config: ComparisonConfig, output_dir: str, co
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(f"Command: `{command}`\n\n{table}")
     plot(runs, metrics, os.path.join(output_dir, "convergence.png"),
-         f"{config.train_data} {config.model}, batch {config.batch_size}, seeds {config.seeds}")
+         f"{config.train_data}: DiT {config.model} ({config.num_layers or 'preset'} layers, width "
+         f"{config.hidden_size or 'preset'}), batch {config.batch_size}, seeds {config.seeds}")
     print(table)
