@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
+from diffusers import DiTTransformer2DModel
 
 from .data import ClassConditionalDataset, DeterministicOrder, load_training_data
 from .evaluation import ReferenceClassifier
@@ -105,24 +106,19 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: ClassCo
     ema.to(device)
     order = DeterministicOrder(len(dataset), config.batch_size, 1, seed)
     null_label = null_class_label(model)
-    eval_model = create_dit(
-        config.model, sample_size=size, in_channels=channels, num_classes=dataset.num_classes,
-        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
-    ).to(device).eval()
-    samples = dataset.samples.to(device) if device.type == "cuda" else dataset.samples
-    labels_all = dataset.labels.to(samples.device)
+    eval_model = DiTTransformer2DModel.from_config(model.config).to(device).eval()
+    if device.type == "cuda":  # small datasets live on the GPU: no host-to-device copy per step
+        dataset.samples, dataset.labels = dataset.samples.to(device), dataset.labels.to(device)
     use_bf16 = config.mixed_precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = True
 
     history, losses, start = [], [], time.perf_counter()
     for step in range(1, config.max_steps + 1):
-        index = order.indices(step - 1, 0).to(samples.device)
-        x0 = samples[index]
-        x0 = (x0.float() / 127.5 - 1.0) if x0.dtype == torch.uint8 else x0.float()
+        batch = dataset.get_batch(order.indices(step - 1, 0).to(dataset.samples.device))
         generator = step_generator(seed, 0, step - 1, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
-                model, scheduler, loss_fn, x0.to(device), labels_all[index].to(device), generator,
+                model, scheduler, loss_fn, batch["samples"].to(device), batch["class_labels"].to(device), generator,
                 config.class_dropout_prob, null_label,
             )
         out.loss.backward()
