@@ -28,7 +28,7 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
-from speedit_scheduler.data import DeterministicOrder, load_training_data
+from speedit_scheduler.data import DeterministicOrder, data_generator, load_training_data
 from speedit_scheduler.hub import push_folder_to_hub, resolve_hub_token, write_model_card
 from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
@@ -73,7 +73,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="Offline demo on scikit-learn's digits (see DEMO_DEFAULTS).")
     # data
-    p.add_argument("--train_data", default=None, help="'digits' or an .npz of uint8 images and labels.")
+    p.add_argument(
+        "--train_data",
+        default=None,
+        help="'digits', a latents folder from scripts/extract_latents.py, or an .npz of uint8 images and labels.",
+    )
     p.add_argument("--resolution", type=int, default=None, help="Pad pixel data to this side (28 -> 32 for MNIST).")
     p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused for in-memory data.")
     # model
@@ -126,7 +130,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation_guidance_scale", type=float, default=4.0)
     p.add_argument("--validation_inference_steps", type=int, default=50)
     p.add_argument("--validation_images_per_class", type=int, default=8)
-    p.add_argument("--pretrained_vae_model_name_or_path", default="stabilityai/sd-vae-ft-ema")
+    p.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="VAE of latent data, saved in the pipeline. Default: the one the latents folder was extracted with.",
+    )
     # hub
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--push_checkpoints_to_hub", action="store_true", help="Also upload at every checkpoint.")
@@ -276,7 +284,12 @@ def main(args: argparse.Namespace) -> str:
     if latent:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+        # The VAE that made the latents decodes them; a latents folder records which one that was.
+        recorded = getattr(dataset, "vae_name_or_path", None)
+        vae_path = args.pretrained_vae_model_name_or_path or recorded or "stabilityai/sd-vae-ft-ema"
+        if recorded is not None and vae_path != recorded:
+            logger.warning(f"the latents were extracted with the VAE {recorded!r}, but {vae_path!r} will decode them.")
+        vae = AutoencoderKL.from_pretrained(vae_path)
 
     scheduler = build_training_scheduler(args)
     loss_fn = DiTLoss(scheduler)
@@ -347,7 +360,10 @@ def main(args: argparse.Namespace) -> str:
     micro_step = global_step * args.gradient_accumulation_steps
     while global_step < args.max_train_steps:
         _fault_injection("step", global_step)
-        batch = dataset.get_batch(order.indices(micro_step, accelerator.process_index))
+        batch = dataset.get_batch(
+            order.indices(micro_step, accelerator.process_index),
+            data_generator(args.seed, accelerator.process_index, micro_step),
+        )
         x_start = batch["samples"].to(device, non_blocking=True)
         labels = batch["class_labels"].to(device, non_blocking=True)
         generator = step_generator(args.seed, accelerator.process_index, micro_step, device)

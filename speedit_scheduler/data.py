@@ -1,7 +1,8 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
-"""Training data: an in-memory class-conditional dataset served by whole batches, and the
-deterministic data order that makes a resumed run see exactly the samples an uninterrupted run
-would have seen."""
+"""Training data: the dataset interface the trainer uses (served by whole batches), the
+in-memory class-conditional dataset of images or latents, and the deterministic data order
+that makes a resumed run see exactly the samples an uninterrupted run would have seen. Latents
+folders written by `scripts/extract_latents.py` are served by `latents.LatentDataset`."""
 
 from __future__ import annotations
 
@@ -12,8 +13,63 @@ import numpy as np
 import torch
 
 
+class TrainingDataset:
+    """What the trainer needs of a dataset: its size, sample shape, class names, and whole
+    batches by index. `get_batch(indices, generator)` may draw per-step randomness (a latent
+    posterior sample, a flip) from `generator`, which the trainer derives from the step so that
+    resumed runs are exact."""
+
+    class_names: list[str]
+    labels: torch.Tensor
+    latent: bool = False
+    info: dict
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_labels(self) -> None:
+        low, high = int(self.labels.min()), int(self.labels.max())
+        if low < 0 or high >= self.num_classes:
+            raise ValueError(
+                f"class labels span [{low}, {high}] but there are {self.num_classes} class names: "
+                f"labels must lie in [0, {self.num_classes})."
+            )
+
+    def check_model_fits(self, sample_size: int, in_channels: int, num_classes: int) -> None:
+        """One-line errors when the data and the model disagree, before any training."""
+        c, h, w = self.sample_shape
+        if h != w or h != sample_size:
+            raise ValueError(
+                f"data samples are {h}x{w} but the model expects {sample_size}x{sample_size}: "
+                "set --resolution (or --sample_size) to match the data."
+            )
+        if c != in_channels:
+            raise ValueError(f"data samples have {c} channels but the model expects {in_channels}.")
+        if self.num_classes > num_classes:
+            raise ValueError(f"the data has {self.num_classes} classes but the model only {num_classes}.")
+
+
+def data_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
+    """CPU generator for the data randomness of one micro-step on one process (latent posterior
+    samples, flips): a pure function of (seed, process, step), independent of the training
+    step's own generator."""
+    key = ((seed * 1_000_033 + process_index) * 2_147_483_629 + micro_step) ^ 0x5DEECE66D
+    return torch.Generator().manual_seed(key % (2**63 - 1))
+
+
 @dataclass
-class ClassConditionalDataset:
+class ClassConditionalDataset(TrainingDataset):
     """Samples (images in pixel space or VAE latents) with integer class labels, held in RAM.
 
     `samples` is uint8 images in [0, 255] (converted to [-1, 1] per batch) or floating latents
@@ -35,42 +91,21 @@ class ClassConditionalDataset:
         if self.labels.shape != (len(self.samples),):
             raise ValueError(f"labels have shape {tuple(self.labels.shape)}; expected ({len(self.samples)},).")
         self.labels = self.labels.long()
-        low, high = int(self.labels.min()), int(self.labels.max())
-        if low < 0 or high >= self.num_classes:
-            raise ValueError(
-                f"class labels span [{low}, {high}] but there are {self.num_classes} class names: "
-                f"labels must lie in [0, {self.num_classes})."
-            )
+        self._check_labels()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.samples.shape[1:])
 
-    def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The samples at `indices`; no randomness (stored images are used as they are)."""
         samples = self.samples[indices]
         if samples.dtype == torch.uint8:
             samples = samples.float().div_(127.5).sub_(1.0)
         return {"samples": samples.float(), "class_labels": self.labels[indices]}
-
-    def check_model_fits(self, sample_size: int, in_channels: int, num_classes: int) -> None:
-        """One-line errors when the data and the model disagree, before any training."""
-        c, h, w = self.sample_shape
-        if h != w or h != sample_size:
-            raise ValueError(
-                f"data samples are {h}x{w} but the model expects {sample_size}x{sample_size}: "
-                "set --resolution (or --sample_size) to match the data."
-            )
-        if c != in_channels:
-            raise ValueError(f"data samples have {c} channels but the model expects {in_channels}.")
-        if self.num_classes > num_classes:
-            raise ValueError(f"the data has {self.num_classes} classes but the model only {num_classes}.")
 
 
 def _pad_images(images: np.ndarray, size: int | None) -> np.ndarray:
@@ -185,15 +220,29 @@ class DeterministicOrder:
         return out
 
 
-def load_training_data(train_data: str, resolution: int | None = None) -> ClassConditionalDataset:
-    """`digits` (scikit-learn's bundled digits) or a path to an `.npz` of images and labels."""
+def load_training_data(train_data: str, resolution: int | None = None) -> TrainingDataset:
+    """`digits` (scikit-learn's bundled digits), a latents folder from `scripts/extract_latents.py`,
+    or a path to an `.npz` of images (or latents) and labels."""
     if train_data == "digits":
         return load_digits_dataset(resolution or 8)
     if os.path.isdir(train_data):
-        raise ValueError(
-            f"--train_data {train_data!r} is a folder: latents folders come from scripts/extract_latents.py, "
-            "which this version does not ship yet; give 'digits' or an .npz of images and labels."
-        )
+        from .latents import LatentDataset, is_latents_folder
+
+        if not is_latents_folder(train_data):
+            raise ValueError(
+                f"--train_data {train_data!r} is a folder without manifest.json: turn images into a latents "
+                "folder with scripts/extract_latents.py first, or give 'digits' or an .npz file."
+            )
+        dataset = LatentDataset(train_data)
+        if resolution is not None and resolution not in (dataset.info["resolution"], dataset.sample_shape[-1]):
+            raise ValueError(
+                f"--resolution {resolution} does not match the latents folder, extracted at "
+                f"{dataset.info['resolution']} ({dataset.sample_shape[-1]}x{dataset.sample_shape[-1]} latents): "
+                "drop --resolution or extract again at that resolution."
+            )
+        return dataset
     if not train_data.endswith(".npz"):
-        raise ValueError(f"--train_data {train_data!r} is not understood: give 'digits' or an .npz file.")
+        raise ValueError(
+            f"--train_data {train_data!r} is not understood: give 'digits', a latents folder or an .npz file."
+        )
     return load_npz_images(train_data, resolution)

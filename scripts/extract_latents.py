@@ -1,0 +1,113 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Encode a class-labelled image set into a latents folder for `train_dit.py --train_data`.
+
+    accelerate launch scripts/extract_latents.py --input_dir imagenet/train --output_dir latents/imagenet256
+    accelerate launch scripts/extract_latents.py --dataset_name imagefolder --data_dir my_images --output_dir latents/mine
+    python scripts/extract_latents.py --dataset_name <hub-id> --split train --output_dir latents/x   # CPU works too
+
+Each image is center-cropped as ADM/DiT do, encoded with the VAE together with its mirror image,
+and stored as posterior mean and std in safetensors shards with a manifest. Killed half-way, the
+same command resumes: finished shards are kept, the rest are redone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from speedit_scheduler.extraction import dataset_source, extract_latents, folder_source  # noqa: E402
+from speedit_scheduler.latents import STORAGE_DTYPES  # noqa: E402
+
+VAE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input_dir", help="A folder with one subfolder of images per class (ImageNet's train/).")
+    source.add_argument("--dataset_name", help="A `datasets` image dataset: a Hub id, or 'imagefolder' with --data_dir.")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--data_dir", default=None, help="data_dir for --dataset_name (e.g. the folder of 'imagefolder').")
+    p.add_argument("--split", default="train")
+    p.add_argument("--image_column", default="image")
+    p.add_argument("--label_column", default="label")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--resolution", type=int, default=256, help="Crop size in pixels (DiT: 256 or 512).")
+    p.add_argument("--pretrained_vae_model_name_or_path", "--vae", dest="vae", default="stabilityai/sd-vae-ft-ema")
+    p.add_argument("--vae_dtype", choices=VAE_DTYPES, default=None, help="Default: bfloat16 on GPU, float32 on CPU.")
+    p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32", help="Storage dtype of the moments.")
+    p.add_argument("--no_flip", action="store_true", help="Do not store the mirror image's latents.")
+    p.add_argument("--batch_size", type=int, default=64, help="Images per VAE forward pass (x2 with flips).")
+    p.add_argument("--shard_size", type=int, default=4096, help="Images per shard file.")
+    p.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1), help="Image decoding workers.")
+    p.add_argument("--max_samples", type=int, default=None, help="Only this many images, spread over classes (trials).")
+    args = p.parse_args(argv)
+    for name in ("resolution", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be a positive integer, got {getattr(args, name)}.")
+    if args.resolution % 8:
+        p.error(f"--resolution {args.resolution} is not a multiple of 8 (the VAE downsamples by 8): use 256 or 512.")
+    if args.num_workers < 0:
+        p.error(f"--num_workers must be >= 0, got {args.num_workers}.")
+    if args.max_samples is not None and args.max_samples < 1:
+        p.error(f"--max_samples must be positive, got {args.max_samples}.")
+    if args.data_dir is not None and args.dataset_name is None:
+        p.error("--data_dir goes with --dataset_name (e.g. --dataset_name imagefolder); for a class folder use --input_dir.")
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        p.error(f"--output_dir {args.output_dir!r} exists and is a file: give a folder.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from accelerate import Accelerator
+    from diffusers import AutoencoderKL
+
+    try:
+        if args.input_dir is not None:
+            source = folder_source(args.input_dir, args.max_samples)
+        else:
+            source = dataset_source(
+                args.dataset_name, args.split, args.image_column, args.label_column,
+                args.dataset_config_name, args.data_dir, args.max_samples,
+            )
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}")
+
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    vae_dtype = args.vae_dtype or ("bfloat16" if accelerator.device.type == "cuda" else "float32")
+    if accelerator.device.type == "cpu" and vae_dtype == "float16":
+        raise SystemExit("error: --vae_dtype float16 needs a GPU; use float32 or bfloat16 on the CPU.")
+    try:
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=getattr(torch, vae_dtype))
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SystemExit(
+            f"error: cannot load the VAE {args.vae!r} ({first}): give a Hub id or a local folder "
+            "saved with AutoencoderKL.save_pretrained."
+        )
+    vae.to(accelerator.device)
+    accelerator.print(f"{len(source)} images in {len(source.class_names)} classes from {source.name!r}")
+    try:
+        manifest = extract_latents(
+            source, vae, args.vae, args.output_dir, accelerator,
+            resolution=args.resolution, dtype=args.dtype, flips=not args.no_flip,
+            shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+        )
+    except ValueError as error:
+        raise SystemExit(f"error: {error}")
+    if accelerator.is_main_process:
+        print(f"wrote {manifest['num_samples']} latents {tuple(manifest['latent_shape'])} to {args.output_dir}")
+        if manifest["skipped"]:
+            print(f"skipped {len(manifest['skipped'])} unreadable image(s), listed in manifest.json:")
+            for entry in manifest["skipped"][:20]:
+                print(f"  {entry['item']}: {entry['error']}")
+
+
+if __name__ == "__main__":
+    main()

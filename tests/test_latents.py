@@ -1,0 +1,268 @@
+"""scripts/extract_latents.py and the latent dataset, with a tiny AutoencoderKL and generated images."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from speedit_scheduler.data import data_generator, load_training_data
+from speedit_scheduler.latents import LatentDataset, write_json_atomic, write_shard
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import extract_latents  # noqa: E402
+
+CLASSES = ["cat", "dog", "fish"]
+MODES = ["RGB", "L", "CMYK", "RGBA", "P"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Three classes of five images each, every size and mode different, plus one broken file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c in CLASSES:
+        os.makedirs(root / c)
+        for i, mode in enumerate(MODES):
+            h, w = rng.integers(24, 90, 2)
+            image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+            image.save(root / c / f"{i}.{'jpg' if mode in ('RGB', 'CMYK') else 'png'}")
+    (root / "dog" / "5_broken.jpg").write_bytes(b"this is not a JPEG")
+    return root
+
+
+@pytest.fixture(scope="module")
+def vae_dir(tmp_path_factory):
+    from diffusers import AutoencoderKL
+
+    path = tmp_path_factory.mktemp("vae")
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        norm_num_groups=4, layers_per_block=1, sample_size=32,
+    ).save_pretrained(path)
+    return path
+
+
+def extract_args(images, vae_dir, out, *extra):
+    return ["--input_dir", str(images), "--output_dir", str(out), "--vae", str(vae_dir), "--resolution", "32",
+            "--shard_size", "4", "--batch_size", "3", "--num_workers", "0", *extra]
+
+
+def run_extract(args, kill_at=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    env.pop("SPEEDIT_TEST_KILL_AT", None)
+    if kill_at:
+        env["SPEEDIT_TEST_KILL_AT"] = kill_at
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "extract_latents.py"), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def extracted(images, vae_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("latents") / "run"
+    result = run_extract(extract_args(images, vae_dir, out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return out, result.stdout
+
+
+def reference_crop(path, size):
+    """ADM's center crop, written out again: box-halve, bicubic to the short side, crop the middle."""
+    image = Image.open(path).convert("RGB")
+    while min(image.size) >= 2 * size:
+        image = image.resize((image.size[0] // 2, image.size[1] // 2), Image.BOX)
+    s = size / min(image.size)
+    image = image.resize((round(image.size[0] * s), round(image.size[1] * s)), Image.BICUBIC)
+    a = np.array(image)
+    y, x = (a.shape[0] - size) // 2, (a.shape[1] - size) // 2
+    return torch.from_numpy(a[y : y + size, x : x + size]).permute(2, 0, 1).float() / 127.5 - 1
+
+
+def shard_tensors(folder):
+    return {
+        f"{name}/{key}": value
+        for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+        for key, value in load_file(os.path.join(folder, name)).items()
+    }
+
+
+def test_extraction_round_trip_labels_class_names_and_bad_files(extracted, images, vae_dir):
+    from diffusers import AutoencoderKL
+
+    out, stdout = extracted
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_samples"] == 15 and manifest["latent_shape"] == [4, 4, 4]
+    assert manifest["class_names"] == CLASSES and manifest["resolution"] == 32 and manifest["flips"]
+    assert manifest["vae"]["scaling_factor"] == pytest.approx(0.18215)
+    assert [s["num_samples"] for s in manifest["shards"]] == [4, 4, 3, 4]  # item 10 (the broken file) was in shard 2
+    assert [e["item"] for e in manifest["skipped"]] == [os.path.join("dog", "5_broken.jpg")]
+    assert "skipped 1 unreadable image" in stdout and "5_broken.jpg" in stdout
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    names = sorted((c, f) for c in CLASSES for f in sorted(os.listdir(images / c)) if "broken" not in f)
+    tensors = shard_tensors(out)
+    moments = torch.cat([tensors[f"shard-{k:05d}.safetensors/moments"] for k in range(4)])
+    labels = torch.cat([tensors[f"shard-{k:05d}.safetensors/labels"] for k in range(4)])
+    assert labels.tolist() == [CLASSES.index(c) for c, _ in names]
+    pixels = torch.stack([reference_crop(images / c / f, 32) for c, f in names])
+    with torch.no_grad():
+        direct = vae.encode(pixels).latent_dist
+        mirrored = vae.encode(pixels.flip(-1)).latent_dist
+        torch.testing.assert_close(moments[:, 0, :4], direct.mean, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moments[:, 0, 4:], direct.std, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(moments[:, 1, :4], mirrored.mean, atol=1e-5, rtol=1e-5)
+        decoded_stored = vae.decode(moments[:, 0, :4]).sample
+        decoded_direct = vae.decode(direct.mean).sample
+    assert (decoded_stored - decoded_direct).abs().max() < 1e-4
+
+
+def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted, tmp_path):
+    out = tmp_path / "killed"
+    killed = run_extract(extract_args(images, vae_dir, out), kill_at="shard:2")
+    assert killed.returncode == -9
+    assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    with pytest.raises(ValueError, match="incomplete"):
+        LatentDataset(str(out))
+    resumed = run_extract(extract_args(images, vae_dir, out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference, reference_stdout = extracted
+    a, b = shard_tensors(reference), shard_tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+
+
+def test_extraction_from_a_datasets_imagefolder(images, vae_dir, tmp_path):
+    out = tmp_path / "hf"
+    args = ["--dataset_name", "imagefolder", "--data_dir", str(images), "--output_dir", str(out), "--vae",
+            str(vae_dir), "--resolution", "32", "--num_workers", "0", "--dtype", "bfloat16", "--no_flip"]
+    extract_latents.main(args)
+    dataset = LatentDataset(str(out))
+    assert dataset.class_names == CLASSES and len(dataset) == 15 and dataset.num_flips == 1
+    assert sorted(dataset.labels.tolist()) == sorted([0] * 5 + [1] * 5 + [2] * 5)
+    assert len(dataset.manifest["skipped"]) == 1
+    with pytest.raises(SystemExit, match="is not a column of 'imagefolder'.*columns are"):
+        extract_latents.main(args[:-3] + ["--label_column", "category"])
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda i, v, t: ["--input_dir", str(t / "nothing"), "--output_dir", str(t / "o")], "does not exist"),
+        (lambda i, v, t: ["--input_dir", str(t), "--output_dir", str(t / "o")], "no class subfolders"),
+        (lambda i, v, t: extract_args(i, t / "no-vae", t / "o"), "cannot load the VAE"),
+        (lambda i, v, t: extract_args(i, v, t / "o", "--resolution", "30"), "not a multiple of 8"),
+        (lambda i, v, t: extract_args(i, v, t / "o", "--shard_size", "0"), "positive"),
+    ],
+)
+def test_bad_extraction_input_fails_with_one_line(images, vae_dir, tmp_path, make_args, message, capsys):
+    with pytest.raises(SystemExit) as error:
+        extract_latents.main(make_args(images, vae_dir, tmp_path))
+    text = str(error.value) + capsys.readouterr().err
+    assert message in text
+
+
+def test_empty_class_folders_and_a_foreign_output_folder(images, vae_dir, extracted, tmp_path):
+    os.makedirs(tmp_path / "empty" / "a")
+    with pytest.raises(SystemExit, match="no image files"):
+        extract_latents.main(["--input_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
+    out, _ = extracted
+    with pytest.raises(SystemExit, match=r"different extraction \(resolution: folder has 32, now 64"):
+        extract_latents.main(extract_args(images, vae_dir, out, "--resolution", "64"))
+
+
+def synthetic_latents(folder, dtype="float32", n=64, seed=0):
+    """A latents folder written with the real shard writer: known means and stds per sample."""
+    rng = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, 2, 4, 8, 8, generator=rng)
+    mean[:, 1] += 100.0  # the mirrored copy is recognisable
+    std = torch.rand(n, 2, 4, 8, 8, generator=rng) + 0.5
+    moments = torch.cat([mean, std], dim=2)
+    labels = torch.arange(n) % 5
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for k, part in enumerate(range(0, n, 24)):
+        name = f"shard-{k:05d}.safetensors"
+        sl = slice(part, min(part + 24, n))
+        write_shard(os.path.join(folder, name), moments[sl], labels[sl], torch.arange(n)[sl], dtype)
+        shards.append({"file": name, "num_samples": len(labels[sl])})
+    write_json_atomic(os.path.join(folder, "manifest.json"), {
+        "format": "speedit-latents", "version": 1, "complete": True, "num_samples": n, "dtype": dtype,
+        "flips": True, "resolution": 64, "latent_shape": [4, 8, 8], "shards": shards, "skipped": [],
+        "class_names": [f"c{i}" for i in range(5)], "source": {"name": "synthetic"},
+        "vae": {"name_or_path": "some/vae", "scaling_factor": 0.5, "shift_factor": None, "latent_channels": 4},
+    })
+    return mean, std, labels
+
+
+def test_latent_dataset_draws_posterior_samples_and_flips(tmp_path):
+    mean, std, labels = synthetic_latents(tmp_path / "lat")
+    dataset = load_training_data(str(tmp_path / "lat"))
+    assert isinstance(dataset, LatentDataset) and dataset.sample_shape == (4, 8, 8) and dataset.num_classes == 5
+    index = torch.tensor([3, 40, 63, 3])
+    draws = [dataset.get_batch(index, data_generator(0, 0, step)) for step in range(400)]
+    samples = torch.stack([d["samples"] for d in draws]) / 0.5  # undo the scaling factor
+    assert all(torch.equal(d["class_labels"], labels[index]) for d in draws)
+    mirrored = samples.mean(dim=(2, 3, 4)) > 50
+    assert 0.4 < mirrored.float().mean() < 0.6  # a fair coin over 1,600 draws: 10 sigma band
+    for j, i in enumerate(index.tolist()):
+        for flip in (0, 1):
+            chosen = samples[mirrored[:, j] == bool(flip), j]
+            z = (chosen - mean[i, flip]) / std[i, flip]  # standard normal if mean and std are right
+            assert abs(z.mean()) < 5 / np.sqrt(z.numel()) and abs(z.std() - 1) < 0.03
+    again = dataset.get_batch(index, data_generator(0, 0, 7))["samples"]
+    assert torch.equal(again, draws[7]["samples"])  # a pure function of (seed, process, step)
+    assert not torch.equal(draws[7]["samples"], draws[8]["samples"])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_reduced_precision_storage_reads_back_the_rounded_values(tmp_path, dtype):
+    mean, std, _ = synthetic_latents(tmp_path / dtype, dtype=dtype)
+    dataset = LatentDataset(str(tmp_path / dtype))
+    moments = dataset.gather_moments(np.arange(64), np.zeros(64, dtype=np.int64))
+    expected = torch.cat([mean[:, 0], std[:, 0]], dim=1).to(getattr(torch, dtype)).float()
+    assert torch.equal(moments, expected)
+
+
+def test_latent_folder_checks(tmp_path):
+    synthetic_latents(tmp_path / "lat")
+    dataset = LatentDataset(str(tmp_path / "lat"))
+    with pytest.raises(ValueError, match="8x8 but the model expects 16x16"):
+        dataset.check_model_fits(16, 4, 1000)
+    with pytest.raises(ValueError, match="4 channels but the model expects 3"):
+        dataset.check_model_fits(8, 3, 1000)
+    with pytest.raises(ValueError, match="5 classes but the model only 4"):
+        dataset.check_model_fits(8, 4, 4)
+    with pytest.raises(ValueError, match="--resolution 256 does not match"):
+        load_training_data(str(tmp_path / "lat"), resolution=256)
+    os.makedirs(tmp_path / "plain")
+    with pytest.raises(ValueError, match="without manifest.json: turn images into a latents folder"):
+        load_training_data(str(tmp_path / "plain"))
+    os.remove(tmp_path / "lat" / "shard-00001.safetensors")
+    with pytest.raises(FileNotFoundError, match="shard-00001.safetensors.*is missing"):
+        LatentDataset(str(tmp_path / "lat"))
+
+
+def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extracted, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    out, _ = extracted
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
+    cmd = [sys.executable, os.path.join(ROOT, "train_dit.py"), "--train_data", str(out), "--model", "S/2",
+           "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2", "--train_batch_size", "4",
+           "--max_train_steps", "2", "--validation_steps", "1000", "--validation_inference_steps", "2",
+           "--validation_images_per_class", "1", "--report_to", "none", "--output_dir", str(tmp_path / "model")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert type(pipe).__name__ == "DiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
+    image = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2, output_type="np").images  # stock null class is 1000
+    assert image.shape == (1, 32, 32, 3)
