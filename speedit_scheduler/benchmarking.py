@@ -1,0 +1,630 @@
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Training-step throughput of `train_dit.py`'s step: images/s, FLOPs per image, achieved
+TFLOP/s against a matmul ceiling measured in the same process, peak memory, and the overhead of
+the SpeeD step (scheduler, hybrid loss, EMA, bookkeeping) over a bare forward/backward/AdamW step.
+
+`scripts/benchmark_throughput.py` is the command line; everything measured lives here so the
+trainer and the benchmark share one definition of "a training step" (`run_trainer_step`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import platform
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import DiTTransformer2DModel
+from diffusers.optimization import get_scheduler
+
+from .losses import DiTLoss
+from .models import create_dit, dit_config, disable_internal_label_dropout, null_class_label
+from .scheduling_speedit import PRESETS, SpeeDiTScheduler
+from .training import TimestepQuartileLoss, TrainingStepOutput, create_ema, step_generator, training_step_loss
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient", "xformers")
+EMA_MODES = ("foreach", "none")
+# The issue's reference: DiT-XL/2 at 256x256 does 118.6 G multiply-adds per forward pass (DiT paper).
+DIT_XL2_PAPER_FORWARD_GFLOP = 237.2
+VAE_DOWNSAMPLE = 8  # SD-VAE: 256x256 images -> 32x32x4 latents
+LATENT_CHANNELS = 4
+TIMESTEP_FREQUENCY_DIM = 256  # diffusers' Timesteps(num_channels=256) inside each block's embedder
+
+
+@dataclass
+class BenchmarkConfig:
+    """One benchmarked configuration. Model and optimizer defaults are `train_dit.py`'s."""
+
+    model: str = "XL/2"
+    resolution: int = 256
+    batch_size: int = 32
+    precision: str = "bf16"
+    attention: str = "sdpa"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    fused_adamw: bool | None = None  # None: the trainer's choice (fused on CUDA)
+    ema: str = "foreach"
+    speedit: str = "speed"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    num_classes: int = 1000
+    steps: int = 10
+    warmup: int = 3
+    repeats: int = 5
+    seed: int = 0
+    learning_rate: float = 1e-4
+    ema_decay: float = 0.9999
+    class_dropout_prob: float = 0.1
+    max_grad_norm: float = 0.0
+    allow_tf32: bool = False
+    device: str = "auto"
+
+    @property
+    def latent_size(self) -> int:
+        return self.resolution // VAE_DOWNSAMPLE
+
+    def dit_kwargs(self) -> dict:
+        return {
+            "sample_size": self.latent_size,
+            "in_channels": LATENT_CHANNELS,
+            "num_classes": self.num_classes,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_attention_heads,
+        }
+
+
+def normalize_preset(name: str) -> str:
+    """Accept the issue's spelling `DiT-XL/2` as well as the trainer's `XL/2`."""
+    return name[4:] if name.upper().startswith("DIT-") else name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r} is unknown: use auto, cpu or cuda.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was given but torch sees no CUDA GPU: use --device cpu.")
+    return torch.device(device)
+
+
+def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
+    """Check every option before anything is built; return the model config. One-line errors."""
+    if config.resolution % VAE_DOWNSAMPLE:
+        raise ValueError(
+            f"--resolution {config.resolution} is not a multiple of {VAE_DOWNSAMPLE} (the SD-VAE factor): use e.g. 256 or 512."
+        )
+    model_config = dit_config(normalize_preset(config.model), **config.dit_kwargs())  # raises for bad presets/sizes
+    for name in ("batch_size", "steps", "repeats"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"--{name} {getattr(config, name)} must be at least 1.")
+    if config.warmup < 0:
+        raise ValueError(f"--warmup {config.warmup} must be 0 or more.")
+    if config.precision not in PRECISIONS:
+        raise ValueError(f"--precision {config.precision!r} is unknown: choose one of {', '.join(PRECISIONS)}.")
+    if config.attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention {config.attention!r} is unknown: choose one of {', '.join(ATTENTION_BACKENDS)}.")
+    if config.ema not in EMA_MODES:
+        raise ValueError(f"--ema {config.ema!r} is unknown: choose one of {', '.join(EMA_MODES)}.")
+    if config.speedit not in PRESETS:
+        raise ValueError(f"--speedit {config.speedit!r} is unknown: choose one of {', '.join(PRESETS)}.")
+    if config.attention == "xformers" and config.compile:
+        raise ValueError("--attention xformers cannot be traced by --compile: use --attention sdpa with --compile.")
+    if device.type == "cpu":
+        if config.precision == "fp16":
+            raise ValueError("--precision fp16 needs a CUDA GPU (accelerate has no fp16 autocast on CPU): use bf16 or fp32.")
+        if config.attention in ("efficient", "xformers"):
+            raise ValueError(f"--attention {config.attention} has no CPU kernel: use sdpa, math or flash on the CPU.")
+    if config.attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ValueError("--attention xformers needs the xformers package: pip install xformers, or use sdpa.") from None
+    return model_config
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs
+# --------------------------------------------------------------------------------------------
+def dit_forward_flops(model_config: dict, shared_embedder: bool = False) -> int:
+    """Analytic forward FLOPs (2 per multiply-add) of one image through a `DiTTransformer2DModel`.
+
+    Counts the matrix products only (patch projection, per-sample conditioning MLPs, attention
+    projections and scores, MLPs, output layer), as `FlopCounterMode` does. diffusers runs a
+    timestep embedder in every block and once more for the output layer; `shared_embedder=True`
+    counts one, as the DiT paper's model does (its 118.6 G multiply-adds for XL/2).
+    """
+    p, c_in, c_out = model_config["patch_size"], model_config["in_channels"], model_config["out_channels"]
+    tokens = (model_config["sample_size"] // p) ** 2
+    dim = model_config["num_attention_heads"] * model_config["attention_head_dim"]
+    depth = model_config["num_layers"]
+    ff_dim = 4 * dim  # diffusers' FeedForward default inner size
+    timestep_mlp = TIMESTEP_FREQUENCY_DIM * dim + dim * dim
+    per_block = (
+        6 * dim * dim  # adaLN-Zero modulation (per sample)
+        + 4 * tokens * dim * dim  # q, k, v and output projections
+        + 2 * tokens * tokens * dim  # scores and the weighted sum of values
+        + 2 * tokens * dim * ff_dim  # MLP
+    )
+    macs = tokens * p * p * c_in * dim + depth * per_block  # patch embedding + blocks
+    macs += 2 * dim * dim + tokens * dim * p * p * c_out  # output modulation and projection
+    macs += timestep_mlp * (1 if shared_embedder else depth + 1)
+    return 2 * macs
+
+
+@dataclass
+class FlopCount:
+    forward: int  # per image
+    backward: int  # per image
+    by_op: dict = field(default_factory=dict)
+
+    @property
+    def train(self) -> int:
+        return self.forward + self.backward
+
+
+def count_train_flops(model_config: dict, batch_size: int = 2) -> FlopCount:
+    """FLOPs per image of one forward and backward, counted by `torch.utils.flop_counter`.
+
+    The model is built on the meta device (no memory, no compute) with attention on the math
+    path, so the count is the same on every device and includes the attention products (the
+    counter does not know the CPU flash kernel). Only the model's products are counted: the
+    loss, scheduler and optimizer are elementwise. Gradient checkpointing's recomputation is not
+    counted (model FLOPs, as utilisation figures use).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = DiTTransformer2DModel(**model_config)
+    size, channels = model_config["sample_size"], model_config["in_channels"]
+    x = torch.zeros(batch_size, channels, size, size, device="meta")
+    t = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    y = torch.zeros(batch_size, dtype=torch.long, device="meta")
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as forward_counter:
+            out = model(x, timestep=t, class_labels=y).sample
+        with FlopCounterMode(display=False) as backward_counter:
+            out.float().square().mean().backward()
+    by_op = {str(k): v // batch_size for k, v in forward_counter.get_flop_counts().get("Global", {}).items()}
+    return FlopCount(
+        forward_counter.get_total_flops() // batch_size, backward_counter.get_total_flops() // batch_size, by_op
+    )
+
+
+def flops_summary(model_config: dict, flops: FlopCount | None = None) -> dict:
+    """Counted and analytic GFLOP per image, and the DiT paper's figure for XL/2 at 256x256."""
+    flops = flops or count_train_flops(model_config)
+    return {
+        "forward_gflop_per_image": flops.forward / 1e9,
+        "backward_gflop_per_image": flops.backward / 1e9,
+        "train_gflop_per_image": flops.train / 1e9,
+        "analytic_forward_gflop_per_image": dit_forward_flops(model_config) / 1e9,
+        "paper_forward_gflop_per_image": dit_forward_flops(model_config, shared_embedder=True) / 1e9,
+        "forward_gflop_by_op": {k: v / 1e9 for k, v in flops.by_op.items()},
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# timing helpers
+# --------------------------------------------------------------------------------------------
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, n: int, device: torch.device) -> float:
+    """Seconds for `n` calls of `fn`, from a synchronised start to the last kernel's end."""
+    synchronize(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(n):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1000.0
+    begin = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return time.perf_counter() - begin
+
+
+def matmul_dtype_for(config: BenchmarkConfig, device: torch.device) -> torch.dtype:
+    """The ceiling's dtype: the GPU's bf16 (fp16 for fp16 runs) tensor-core rate, fp32 on the CPU."""
+    if device.type == "cpu":
+        return torch.float32
+    return torch.float16 if config.precision == "fp16" else torch.bfloat16
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
+    """TFLOP/s of a square `size` matmul, the ceiling the achieved rate is compared with."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        torch.mm(a, b)
+    seconds = min(time_calls(lambda: torch.mm(a, b), repeats, device) for _ in range(3)) / repeats
+    return 2 * size**3 / seconds / 1e12
+
+
+def peak_memory(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
+    # Linux reports KiB: the whole process's high-water mark, a loose upper bound on the CPU.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, "process peak RSS"
+
+
+def environment(device: torch.device) -> dict:
+    import accelerate
+    import diffusers
+
+    from . import __version__
+
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            with open("/proc/cpuinfo") as f:
+                name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    return {
+        "device": device.type,
+        "device_name": name,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
+        "diffusers": diffusers.__version__,
+        "accelerate": accelerate.__version__,
+        "speedit": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# the training step
+# --------------------------------------------------------------------------------------------
+@dataclass
+class TrainerStepState:
+    """Everything one step of `train_dit.py`'s loop reads or updates."""
+
+    model: torch.nn.Module  # as prepared (and compiled) for the forward pass
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scheduler: SpeeDiTScheduler
+    loss_fn: DiTLoss
+    ema: object | None
+    quartiles: TimestepQuartileLoss
+    loss_sum: torch.Tensor
+    first_bad_step: torch.Tensor
+    class_dropout_prob: float
+    null_label: int
+    max_grad_norm: float
+    seed: int
+
+
+def run_trainer_step(
+    accelerator, state: TrainerStepState, x_start: torch.Tensor, labels: torch.Tensor, micro_step: int, global_step: int
+) -> TrainingStepOutput:
+    """One optimisation step of `train_dit.py` (gradient accumulation 1): the step's generator,
+    SpeeD timesteps, label dropout and hybrid loss under autocast, backward, clipping, AdamW,
+    LR schedule, the device-side loss and quartile bookkeeping, and the EMA update. No host sync."""
+    generator = step_generator(state.seed, accelerator.process_index, micro_step, x_start.device)
+    with accelerator.accumulate(state.model):
+        with accelerator.autocast():
+            out = training_step_loss(
+                state.model,
+                state.scheduler,
+                state.loss_fn,
+                x_start,
+                labels,
+                generator,
+                state.class_dropout_prob,
+                state.null_label,
+            )
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and state.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    loss_detached = out.loss.detach()
+    state.loss_sum += loss_detached
+    state.quartiles.update(out.mse, out.timesteps)
+    state.first_bad_step.copy_(
+        torch.where(~torch.isfinite(loss_detached) & (state.first_bad_step < 0), global_step + 1, state.first_bad_step)
+    )
+    if state.ema is not None and accelerator.sync_gradients:
+        state.ema.step(accelerator.unwrap_model(state.model).parameters())
+    return out
+
+
+def _attention_context(attention: str):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "math": SDPBackend.MATH,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }
+    return sdpa_kernel(backends[attention]) if attention in backends else contextlib.nullcontext()
+
+
+class TrainingBenchmark:
+    """Model, scheduler, loss, AdamW, EMA and synthetic latents as `train_dit.py` builds them, on
+    one device; `set_batch` / `configure` switch batch size, attention, checkpointing and compile
+    without rebuilding, so a sweep pays for model construction once."""
+
+    def __init__(self, config: BenchmarkConfig, accelerator=None):
+        from accelerate import Accelerator
+
+        self.device = resolve_device(config.device)
+        self.model_config = validate_config(config, self.device)
+        self.config = config
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config.allow_tf32
+            torch.backends.cudnn.allow_tf32 = config.allow_tf32
+        mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[config.precision]
+        self.accelerator = accelerator or Accelerator(mixed_precision=mixed, cpu=self.device.type == "cpu")
+
+        # Built on the device directly: the XL/2 initialisation on the host takes longer than the run.
+        with torch.device(self.device):
+            base = create_dit(normalize_preset(config.model), seed=config.seed, **config.dit_kwargs())
+        disable_internal_label_dropout(base)
+        self.base_model = base
+        self.scheduler = SpeeDiTScheduler.from_preset(config.speedit)
+        fused = self.device.type == "cuda" if config.fused_adamw is None else config.fused_adamw
+        self.fused_adamw = fused
+        optimizer = torch.optim.AdamW(base.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=fused)
+        lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+        ema = create_ema(base, config.ema_decay) if config.ema == "foreach" else None
+        model, optimizer, lr_scheduler = self.accelerator.prepare(base, optimizer, lr_scheduler)
+        if ema is not None:
+            ema.to(self.device)
+        self.prepared_model = model
+        self.state = TrainerStepState(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            scheduler=self.scheduler,
+            loss_fn=DiTLoss(self.scheduler),
+            ema=ema,
+            quartiles=TimestepQuartileLoss(self.scheduler.config.num_train_timesteps, self.device),
+            loss_sum=torch.zeros((), device=self.device, dtype=torch.float64),
+            first_bad_step=torch.full((), -1, device=self.device, dtype=torch.long),
+            class_dropout_prob=config.class_dropout_prob,
+            null_label=null_class_label(base),
+            max_grad_norm=config.max_grad_norm,
+            seed=config.seed,
+        )
+        self.micro_step = 0
+        self.attention = "sdpa"
+        self.set_batch(config.batch_size)
+        base.train()
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.base_model.parameters())
+
+    def set_batch(self, batch_size: int) -> None:
+        """Synthetic latents and labels (the data loader is not part of the step), plus the fixed
+        inputs of the bare step."""
+        g = torch.Generator(device="cpu").manual_seed(self.config.seed + batch_size)
+        size = self.config.latent_size
+        shape = (batch_size, LATENT_CHANNELS, size, size)
+        self.batch_size = batch_size
+        self.x_start = torch.randn(shape, generator=g).to(self.device)
+        self.labels = torch.randint(0, self.config.num_classes, (batch_size,), generator=g).to(self.device)
+        self.bare_timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        self.bare_timesteps = self.bare_timesteps.to(self.device)
+        self.bare_x_t = torch.randn(shape, generator=g).to(self.device)
+        out_shape = (batch_size, self.model_config["out_channels"], size, size)
+        self.bare_target = torch.randn(out_shape, generator=g).to(self.device)
+
+    def configure(self, attention: str, gradient_checkpointing: bool, compile: bool) -> None:
+        base = self.base_model
+        if attention == "xformers":
+            base.enable_xformers_memory_efficient_attention()
+        elif self.attention == "xformers":
+            base.set_default_attn_processor()
+        self.attention = attention
+        if gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        else:
+            base.disable_gradient_checkpointing()
+        model = self.prepared_model
+        if compile:
+            torch._dynamo.reset()  # a fresh static-shape compile per configuration, as one training run gets
+            model = torch.compile(model)
+        self.state.model = model
+
+    def trainer_step(self) -> None:
+        with _attention_context(self.attention):
+            run_trainer_step(self.accelerator, self.state, self.x_start, self.labels, self.micro_step, self.micro_step)
+        self.micro_step += 1
+
+    def bare_step(self) -> None:
+        """Forward, plain MSE, backward, the same AdamW: no scheduler, hybrid loss, EMA or bookkeeping."""
+        state = self.state
+        with _attention_context(self.attention):
+            with self.accelerator.autocast():
+                out = state.model(self.bare_x_t, timestep=self.bare_timesteps, class_labels=self.labels).sample
+                loss = F.mse_loss(out.float(), self.bare_target)
+            self.accelerator.backward(loss)
+            state.optimizer.step()
+            state.optimizer.zero_grad(set_to_none=True)
+
+    def reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+
+def _summary(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "values": values}
+
+
+def measure(
+    bench: TrainingBenchmark,
+    batch_size: int,
+    attention: str,
+    gradient_checkpointing: bool,
+    compile: bool,
+    flops: FlopCount,
+    matmul_tflops: float,
+    overhead: bool = False,
+) -> dict:
+    """Warm up, then time `repeats` x `steps` trainer steps (interleaved with bare steps when
+    `overhead`) and return one result row."""
+    cfg = bench.config
+    if batch_size != bench.batch_size:
+        bench.set_batch(batch_size)
+    bench.configure(attention, gradient_checkpointing, compile)
+    bench.reset_peak_memory()
+    started = time.perf_counter()
+    for _ in range(cfg.warmup):
+        bench.trainer_step()
+        if overhead:
+            bench.bare_step()
+    synchronize(bench.device)
+    warmup_s = time.perf_counter() - started
+
+    trainer_s, bare_s = [], []
+    for r in range(cfg.repeats):
+        # ABBA order so that a slow drift of the machine does not favour either step.
+        order = ("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")
+        for kind in order if overhead else ("trainer",):
+            fn = bench.trainer_step if kind == "trainer" else bench.bare_step
+            (trainer_s if kind == "trainer" else bare_s).append(time_calls(fn, cfg.steps, bench.device) / cfg.steps)
+    memory_gib, memory_kind = peak_memory(bench.device)
+    if not torch.isfinite(bench.state.loss_sum):
+        raise FloatingPointError("the loss became NaN or inf during the benchmark: the timings are meaningless.")
+
+    images_per_s = [batch_size / s for s in trainer_s]
+    median_ips = statistics.median(images_per_s)
+    achieved = flops.train * median_ips / 1e12
+    row = {
+        "model": normalize_preset(cfg.model),
+        "resolution": cfg.resolution,
+        "latent_size": cfg.latent_size,
+        "batch_size": batch_size,
+        "precision": cfg.precision,
+        "attention": attention,
+        "compile": compile,
+        "gradient_checkpointing": gradient_checkpointing,
+        "fused_adamw": bench.fused_adamw,
+        "ema": cfg.ema,
+        "speedit": cfg.speedit,
+        "parameters": bench.num_parameters,
+        "steps": cfg.steps,
+        "warmup": cfg.warmup,
+        "repeats": cfg.repeats,
+        "status": "ok",
+        "images_per_s": median_ips,
+        "images_per_s_min": min(images_per_s),
+        "images_per_s_max": max(images_per_s),
+        "step_ms": 1000 * statistics.median(trainer_s),
+        "warmup_s": warmup_s,
+        "forward_gflop_per_image": flops.forward / 1e9,
+        "train_gflop_per_image": flops.train / 1e9,
+        "analytic_forward_gflop_per_image": dit_forward_flops(bench.model_config) / 1e9,
+        "paper_forward_gflop_per_image": dit_forward_flops(bench.model_config, shared_embedder=True) / 1e9,
+        "achieved_tflops": achieved,
+        "matmul_tflops": matmul_tflops,
+        "mfu": achieved / matmul_tflops,
+        "peak_memory_gib": memory_gib,
+        "peak_memory_kind": memory_kind,
+    }
+    if overhead:
+        ratios = [t / b - 1.0 for t, b in zip(trainer_s, bare_s)]
+        row.update(
+            {
+                "bare_step_ms": 1000 * statistics.median(bare_s),
+                "trainer_step_ms": 1000 * statistics.median(trainer_s),
+                "overhead": statistics.median(trainer_s) / statistics.median(bare_s) - 1.0,
+                "overhead_per_repeat": _summary(ratios),
+                "bare_step_ms_per_repeat": [1000 * s for s in bare_s],
+                "trainer_step_ms_per_repeat": [1000 * s for s in trainer_s],
+            }
+        )
+    return row
+
+
+def run_benchmark(
+    config: BenchmarkConfig,
+    batch_sizes: list[int] | None = None,
+    attentions: list[str] | None = None,
+    checkpointing: list[bool] | None = None,
+    compile: bool | None = None,
+    overhead: bool = False,
+    matmul_size: int | None = None,
+    on_start=None,
+    on_row=None,
+) -> dict:
+    """Build once and measure every (attention, checkpointing, batch) combination of one
+    precision and compile mode. Returns `{"environment", "matmul", "flops", "rows"}`;
+    `on_start(header)` gets the first three before the model is built and `on_row(row)` each row as
+    it completes (a sweep's worker streams them, so a time cap keeps what finished).
+
+    A configuration that runs out of GPU memory gives a row with status "oom", and larger
+    batches of the same options are skipped.
+    """
+    batch_sizes = batch_sizes or [config.batch_size]
+    attentions = attentions or [config.attention]
+    checkpointing = checkpointing if checkpointing is not None else [config.gradient_checkpointing]
+    compile = config.compile if compile is None else compile
+    device = resolve_device(config.device)
+    for attention in attentions:  # every combination is checked before the model is built
+        validate_config(
+            BenchmarkConfig(**{**asdict(config), "attention": attention, "compile": compile, "batch_size": min(batch_sizes)}),
+            device,
+        )
+    env = environment(device)
+    dtype = matmul_dtype_for(config, device)
+    size = matmul_size or (8192 if device.type == "cuda" else 1024)
+    matmul = {"tflops": measure_matmul_tflops(device, dtype, size), "dtype": str(dtype).replace("torch.", ""), "size": size}
+    model_config = dit_config(normalize_preset(config.model), **config.dit_kwargs())
+    flops = count_train_flops(model_config)
+    header = {"environment": env, "matmul": matmul, "flops": flops_summary(model_config, flops)}
+    if on_start is not None:
+        on_start(header)
+    bench = TrainingBenchmark(config)
+    rows = []
+    for attention in attentions:
+        for ckpt in checkpointing:
+            oom = False
+            for batch_size in sorted(batch_sizes):
+                base_row = {
+                    "model": normalize_preset(config.model),
+                    "batch_size": batch_size,
+                    "precision": config.precision,
+                    "attention": attention,
+                    "compile": compile,
+                    "gradient_checkpointing": ckpt,
+                }
+                if oom:
+                    row = {**base_row, "status": "skipped (smaller batch ran out of memory)"}
+                else:
+                    try:
+                        row = measure(bench, batch_size, attention, ckpt, compile, flops, matmul["tflops"], overhead)
+                    except torch.cuda.OutOfMemoryError:
+                        oom = True
+                        bench.state.optimizer.zero_grad(set_to_none=True)
+                        bench.reset_peak_memory()
+                        row = {**base_row, "status": "oom"}
+                row.update(device=env["device"], device_name=env["device_name"], matmul_tflops=matmul["tflops"])
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return {**header, "rows": rows}

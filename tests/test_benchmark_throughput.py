@@ -1,0 +1,137 @@
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""scripts/benchmark_throughput.py on tiny DiTs on the CPU: fields and their consistency, FLOP
+counts against hand-computed values, one row per sweep configuration, one-line errors. No timing
+assertions."""
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from speedit_scheduler.benchmarking import count_train_flops, dit_forward_flops
+from speedit_scheduler.models import dit_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "benchmark_throughput.py")
+# 2 layers, width 64, 2 heads, 64x64 images -> 8x8x4 latents -> 16 tokens of patch 2.
+TINY = ["--model", "S/2", "--num_layers", "2", "--hidden_size", "64", "--num_attention_heads", "2",
+        "--resolution", "64", "--num_classes", "10", "--threads", "1", "--device", "cpu"]  # fmt: skip
+
+
+def tiny_forward_flops() -> int:
+    """Multiply-adds of one image through the tiny DiT, by hand, times 2."""
+    tokens, dim, depth, ff = 16, 64, 2, 256
+    patch_embed = tokens * (2 * 2 * 4) * dim
+    timestep_mlp = 256 * dim + dim * dim  # diffusers: one per block plus one for the output layer
+    block = 6 * dim * dim + 4 * tokens * dim * dim + 2 * tokens * tokens * dim + 2 * tokens * dim * ff
+    output = 2 * dim * dim + tokens * dim * (2 * 2 * 8)
+    return 2 * (patch_embed + depth * block + output + (depth + 1) * timestep_mlp)
+
+
+def run_script(*args, timeout=240):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def script_module():
+    spec = importlib.util.spec_from_file_location("benchmark_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flop_count_matches_hand_count_and_dit_paper():
+    assert tiny_forward_flops() == 3_612_672
+    config = dit_config("S/2", sample_size=8, num_classes=10, num_layers=2, hidden_size=64, num_attention_heads=2)
+    counted = count_train_flops(config)
+    assert counted.forward == tiny_forward_flops() == dit_forward_flops(config)
+    # The backward pass is two products per forward product, less the input gradients nobody needs:
+    # the patch projection's (input: data) and the timestep MLPs' first layer's (input: sinusoids).
+    unneeded_input_grads = 2 * 16 * (2 * 2 * 4) * 64 + 3 * 2 * 256 * 64
+    assert counted.backward == 2 * counted.forward - unneeded_input_grads
+
+    xl = dit_config("XL/2")
+    xl_counted = count_train_flops(xl, batch_size=1)
+    assert xl_counted.forward == dit_forward_flops(xl) == 237_333_676_032
+    # The issue's 237.2 GFLOP (DiT paper, one shared embedder); diffusers' per-block embedders add 0.04%.
+    assert dit_forward_flops(xl, shared_embedder=True) / 1e9 == pytest.approx(237.2, abs=0.05)
+    assert xl_counted.train / 1e9 == pytest.approx(711.7, rel=1e-3)
+
+
+def test_single_run_with_overhead_reports_every_field(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script(*TINY, "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "3",
+                      "--overhead", "--json", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "images/s" in proc.stdout and "overhead of the trainer step" in proc.stdout
+    result = json.loads(out.read_text())
+    assert "benchmark_throughput.py" in result["command"]
+    env = result["environment"]
+    assert env["device"] == "cpu" and env["torch"] == torch.__version__ and env["threads"] == 1
+    assert result["matmul"]["dtype"] == "float32" and result["matmul"]["tflops"] > 0
+    assert result["flops"]["forward_gflop_per_image"] * 1e9 == pytest.approx(tiny_forward_flops(), rel=1e-9)
+
+    (row,) = result["rows"]
+    assert row["status"] == "ok" and row["batch_size"] == 4 and row["precision"] == "fp32"
+    assert row["attention"] == "sdpa" and row["compile"] is False and row["gradient_checkpointing"] is False
+    assert row["fused_adamw"] is False and row["ema"] == "foreach" and row["parameters"] > 0
+    assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
+    assert row["step_ms"] == pytest.approx(1000 * 4 / row["images_per_s"], rel=1e-6)
+    assert row["forward_gflop_per_image"] * 1e9 == pytest.approx(tiny_forward_flops(), rel=0.02)
+    assert row["analytic_forward_gflop_per_image"] * 1e9 == pytest.approx(tiny_forward_flops(), rel=1e-9)
+    assert row["train_gflop_per_image"] == pytest.approx(3 * row["forward_gflop_per_image"], rel=0.05)
+    assert row["achieved_tflops"] == pytest.approx(row["train_gflop_per_image"] * row["images_per_s"] / 1e3)
+    assert row["mfu"] == pytest.approx(row["achieved_tflops"] / row["matmul_tflops"])
+    assert 0 < row["mfu"] < 1.5
+    assert row["peak_memory_gib"] > 0 and row["peak_memory_kind"] == "process peak RSS"
+    # Overhead: interleaved repeats of both steps, and the ratio of their medians.
+    assert len(row["bare_step_ms_per_repeat"]) == len(row["trainer_step_ms_per_repeat"]) == 3
+    assert row["overhead"] == pytest.approx(row["trainer_step_ms"] / row["bare_step_ms"] - 1)
+    spread = row["overhead_per_repeat"]
+    assert spread["min"] <= spread["median"] <= spread["max"] and math.isfinite(row["overhead"])
+
+
+def test_sweep_gives_one_row_per_configuration(tmp_path):
+    out, table = tmp_path / "sweep.json", tmp_path / "sweep.md"
+    proc = run_script(*TINY, "--sweep", "--batch_size", "2,3", "--gradient_checkpointing", "off,on",
+                      "--steps", "1", "--warmup", "1", "--repeats", "1",
+                      "--json", str(out), "--markdown", str(table))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["batch_size"], r["gradient_checkpointing"]) for r in rows) == [
+        (2, False), (2, True), (3, False), (3, True)
+    ]  # fmt: skip
+    assert all(r["status"] == "ok" and r["images_per_s"] > 0 for r in rows)
+    lines = table.read_text().strip().splitlines()
+    assert len(lines) == 2 + 4 and lines[0].startswith("| model | batch |")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "Q/3"], "model preset 'Q/3' is unknown"),
+        (["--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+        (["--precision", "fp8"], "--precision 'fp8' is unknown"),
+        (["--attention", "xformers", "--compile"], "--attention xformers cannot be traced by --compile"),
+        (["--attention", "efficient"], "--attention efficient has no CPU kernel"),
+        (["--resolution", "250"], "--resolution 250 is not a multiple of 8"),
+        (["--batch_size", "0"], "--batch_size 0 must be at least 1"),
+        (["--batch_size", "2,4"], "--batch_size has 2 values"),
+        (["--ema", "loop"], "--ema 'loop' is unknown"),
+        (["--speedit", "fast"], "--speedit 'fast' is unknown"),
+        (["--compile", "maybe"], "'maybe' is not on or off"),
+        (["--sweep", "--overhead"], "--overhead measures one configuration"),
+        (["--threads", "0"], "--threads 0 must be at least 1"),
+    ],
+)
+def test_bad_flags_give_one_line_errors(script_module, argv, message):
+    with pytest.raises(SystemExit) as info:
+        script_module.main([*TINY, *argv])
+    text = str(info.value)
+    assert text.startswith("error: ") and message in text and "\n" not in text
