@@ -363,9 +363,9 @@ def main(args: argparse.Namespace) -> str:
         batch = dataset.get_batch(
             order.indices(micro_step, accelerator.process_index),
             data_generator(args.seed, accelerator.process_index, micro_step),
+            device=device,
         )
-        x_start = batch["samples"].to(device, non_blocking=True)
-        labels = batch["class_labels"].to(device, non_blocking=True)
+        x_start, labels = batch["samples"], batch["class_labels"]
         generator = step_generator(args.seed, accelerator.process_index, micro_step, device)
         with accelerator.accumulate(model):
             with accelerator.autocast():

@@ -35,7 +35,13 @@ class TrainingDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def get_batch(
+        self,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """`samples` (N, C, H, W) float32 and `class_labels` (N,) int64, on `device` (default: CPU)."""
         raise NotImplementedError
 
     def _check_labels(self) -> None:
@@ -100,12 +106,19 @@ class ClassConditionalDataset(TrainingDataset):
     def sample_shape(self) -> tuple[int, int, int]:
         return tuple(self.samples.shape[1:])
 
-    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def get_batch(
+        self,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The samples at `indices`; no randomness (stored images are used as they are)."""
-        samples = self.samples[indices]
+        indices = torch.as_tensor(indices).to(self.samples.device)
+        samples = self.samples[indices].to(device or self.samples.device, non_blocking=True)
         if samples.dtype == torch.uint8:
             samples = samples.float().div_(127.5).sub_(1.0)
-        return {"samples": samples.float(), "class_labels": self.labels[indices]}
+        labels = self.labels[indices].to(samples.device, non_blocking=True)
+        return {"samples": samples.float(), "class_labels": labels}
 
 
 def _pad_images(images: np.ndarray, size: int | None) -> np.ndarray:

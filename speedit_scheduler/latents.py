@@ -194,7 +194,9 @@ class LatentDataset(TrainingDataset):
         return self.manifest["vae"]["name_or_path"]
 
     def gather_moments(self, indices: np.ndarray, flips: np.ndarray) -> torch.Tensor:
-        """(n, 2C, h, w) float32 posterior moments of `indices`, each with its chosen flip."""
+        """(n, 2C, h, w) posterior moments of `indices`, each with its chosen flip, in the storage
+        dtype (converted to float32 on the training device, so fp16/bf16 storage also halves the
+        bytes copied to it)."""
         shards = self._shard_of[indices]
         offsets = self._offset[indices]
         out = np.empty((len(indices), *self._moments[0].shape[2:]), dtype=self._moments[0].dtype)
@@ -205,19 +207,45 @@ class LatentDataset(TrainingDataset):
                 mask = shards == shard
                 out[mask] = self._moments[shard][offsets[mask], flips[mask]]
         moments = torch.from_numpy(out)
-        if self.storage_dtype == "bfloat16":
-            moments = moments.view(torch.bfloat16)
-        return moments.float()
+        return moments.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else moments
 
-    def get_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def host_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The CPU side of `get_batch`: stored moments of a random flip of each sample, their
+        labels, and the seed of the noise to draw on the training device."""
         indices = torch.as_tensor(indices).cpu()
         if self.num_flips == 2:
             flips = torch.randint(0, 2, (len(indices),), generator=generator)
         else:
             flips = torch.zeros(len(indices), dtype=torch.long)
         moments = self.gather_moments(indices.numpy(), flips.numpy())
+        noise_seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return moments, self.labels[indices], noise_seed
+
+    def get_batch(
+        self,
+        indices: torch.Tensor,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Scaled latents of `indices`, each a fresh posterior sample of a random stored flip.
+
+        Flips and the noise seed come from `generator` (CPU); the moments are gathered on the
+        CPU and the Gaussian noise is drawn on `device` (the training device), so a GPU run
+        spends no CPU time on it and the batch is still a pure function of the generator.
+        """
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        moments, labels, noise_seed = self.host_batch(indices, generator)
+        if device.type != "cpu":
+            moments = moments.pin_memory().to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+        moments = moments.float()
+        noise = torch.randn(
+            moments[:, : moments.shape[1] // 2].shape,
+            generator=torch.Generator(device=device).manual_seed(noise_seed),
+            device=device,
+        )
         mean, std = moments.chunk(2, dim=1)
-        latents = mean.add_(std.mul_(torch.randn(mean.shape, generator=generator)))
+        latents = mean.add_(std.mul_(noise))
         if self.shift_factor is not None:
             latents.sub_(self.shift_factor)
-        return {"samples": latents.mul_(self.scaling_factor), "class_labels": self.labels[indices]}
+        return {"samples": latents.mul_(self.scaling_factor), "class_labels": labels}

@@ -227,7 +227,7 @@ def test_latent_dataset_draws_posterior_samples_and_flips(tmp_path):
 def test_reduced_precision_storage_reads_back_the_rounded_values(tmp_path, dtype):
     mean, std, _ = synthetic_latents(tmp_path / dtype, dtype=dtype)
     dataset = LatentDataset(str(tmp_path / dtype))
-    moments = dataset.gather_moments(np.arange(64), np.zeros(64, dtype=np.int64))
+    moments = dataset.gather_moments(np.arange(64), np.zeros(64, dtype=np.int64)).float()
     expected = torch.cat([mean[:, 0], std[:, 0]], dim=1).to(getattr(torch, dtype)).float()
     assert torch.equal(moments, expected)
 
@@ -266,3 +266,28 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
     assert type(pipe).__name__ == "DiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
     image = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2, output_type="np").images  # stock null class is 1000
     assert image.shape == (1, 32, 32, 3)
+
+
+def test_benchmark_data_reports_every_mode(extracted, vae_dir, tmp_path):
+    import benchmark_data
+
+    out, _ = extracted
+    report = tmp_path / "data.json"
+    benchmark_data.main(["--num_samples", "64", "--latent_size", "4", "--batch_size", "16", "--num_batches", "2",
+                         "--repeats", "2", "--dtypes", "float32", "bfloat16", "--json", str(report)])
+    rows = json.loads(report.read_text())["results"]
+    assert [(r.get("dtype"), r.get("work")) for r in rows[:4]] == [
+        ("float32", "host side of a GPU run"), ("float32", "all on CPU (noise too)"),
+        ("bfloat16", "host side of a GPU run"), ("bfloat16", "all on CPU (noise too)")]
+    assert rows[0]["bytes_per_sample"] > rows[2]["bytes_per_sample"] > 2 * 2 * 8 * 4 * 4  # fp32 twice bf16, + header
+    assert rows[4]["dataset"] == "digits" and all(r["samples_per_s"] > 0 for r in rows)
+
+    benchmark_data.main(["--storage_error", str(out), "--json", str(report)])
+    errors = {r["dtype"]: r for r in json.loads(report.read_text())["results"]}
+    # round-to-nearest: relative error at most 2^-11 (fp16) and 2^-8 (bf16), in RMS well below that
+    assert 0 < errors["float16"]["relative_to_mean_rms"] < 2**-11 < errors["bfloat16"]["relative_to_mean_rms"] < 2**-8
+
+    benchmark_data.main(["--extraction", "--vae", str(vae_dir), "--resolution", "32", "--batch_size", "2",
+                         "--num_batches", "1", "--repeats", "1", "--json", str(report)])
+    (row,) = json.loads(report.read_text())["results"]
+    assert row["mode"] == "extraction" and row["images_per_s"] > 0

@@ -1,0 +1,199 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""How fast the training data is served, and how fast latents are extracted.
+
+    python scripts/benchmark_data.py                          # synthetic ImageNet-256-sized latents folder
+    python scripts/benchmark_data.py --latents latents/imagenet256
+    python scripts/benchmark_data.py --extraction --device cuda --vae_dtype bfloat16   # VAE images/s
+
+Dataset mode times `get_batch` exactly as the trainer calls it (random indices in the
+trainer's order, the per-step data generator, posterior sampling and flips), from one process,
+and prints samples/s (median of repeats). Extraction mode times the VAE encoding of
+`scripts/extract_latents.py` (image + mirror image per sample) with the SD-VAE architecture
+(`stabilityai/sd-vae-ft-ema`'s config; random weights unless `--vae` names real ones, since
+the speed does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from speedit_scheduler.data import DeterministicOrder, data_generator, load_training_data  # noqa: E402
+from speedit_scheduler.latents import LatentDataset, shard_file_name, write_json_atomic, write_shard  # noqa: E402
+
+# stabilityai/sd-vae-ft-ema's architecture (its config.json), for timing without the weights.
+SD_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    sample_size=256, scaling_factor=0.18215,
+)
+
+
+def write_synthetic_latents(folder: str, num_samples: int, latent_size: int, dtype: str, shard_size: int) -> None:
+    """A latents folder of random moments in the real format (shards + manifest)."""
+    generator = torch.Generator().manual_seed(0)
+    shards = []
+    for k, start in enumerate(range(0, num_samples, shard_size)):
+        n = min(shard_size, num_samples - start)
+        moments = torch.randn(n, 2, 8, latent_size, latent_size, generator=generator)
+        moments[:, :, 4:] = moments[:, :, 4:].abs() * 0.05
+        labels = torch.randint(0, 1000, (n,), generator=generator)
+        write_shard(os.path.join(folder, shard_file_name(k)), moments, labels, torch.arange(start, start + n), dtype)
+        shards.append({"file": shard_file_name(k), "num_samples": n})
+    write_json_atomic(os.path.join(folder, "manifest.json"), {
+        "format": "speedit-latents", "version": 1, "complete": True, "num_samples": num_samples, "dtype": dtype,
+        "flips": True, "resolution": latent_size * 8, "latent_shape": [4, latent_size, latent_size],
+        "shards": shards, "skipped": [], "class_names": [str(i) for i in range(1000)],
+        "source": {"name": "synthetic"},
+        "vae": {"name_or_path": "synthetic", "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4},
+    })
+
+
+def time_dataset(dataset, batch_size: int, num_batches: int, repeats: int, host_only: bool = False) -> dict:
+    """Samples/s over `num_batches` consecutive trainer steps (order, generator and all), median
+    of repeats. `host_only` times the CPU side of a GPU run (`LatentDataset.host_batch`: flips
+    and the gather; the noise is drawn on the GPU); otherwise the whole `get_batch` on the CPU."""
+    order = DeterministicOrder(len(dataset), batch_size, 1, seed=0)
+    fetch = dataset.host_batch if host_only else dataset.get_batch
+    for step in range(len(dataset) // batch_size):  # one epoch first: warm page cache and mappings
+        fetch(order.indices(step, 0), data_generator(0, 0, step))
+    rates = []
+    for repeat in range(repeats):
+        start = time.perf_counter()
+        for step in range(repeat * num_batches, (repeat + 1) * num_batches):
+            fetch(order.indices(step, 0), data_generator(0, 0, step))
+        rates.append(batch_size * num_batches / (time.perf_counter() - start))
+    return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def time_extraction(vae, batch_size: int, resolution: int, num_batches: int, repeats: int, device: str) -> dict:
+    from speedit_scheduler.extraction import encode_moments
+
+    images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
+    with torch.no_grad():
+        encode_moments(vae, images, flips=True)  # warm-up (cuDNN autotuning, allocator)
+        rates = []
+        for _ in range(repeats):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(num_batches):
+                moments = encode_moments(vae, images, flips=True)
+            moments.sum().item()  # wait for the device
+            rates.append(batch_size * num_batches / (time.perf_counter() - start))
+    return {"images_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
+
+
+def storage_error(folder: str) -> list[dict]:
+    """What fp16 / bf16 storage would do to the latents of a float32 latents folder: the RMS
+    rounding error of the posterior mean, relative to the mean's RMS and to the posterior std
+    (the noise every training draw adds anyway)."""
+    dataset = LatentDataset(folder)
+    if dataset.storage_dtype != "float32":
+        raise SystemExit(f"error: --storage_error needs a float32 latents folder; {folder!r} holds {dataset.storage_dtype}.")
+    everything = np.arange(len(dataset))
+    moments = torch.cat([dataset.gather_moments(everything, np.full(len(dataset), f)) for f in range(dataset.num_flips)])
+    mean, std = moments.chunk(2, dim=1)
+    rows = []
+    for dtype in ("float16", "bfloat16"):
+        error = mean.to(getattr(torch, dtype)).float() - mean
+        rms_error = error.pow(2).mean().sqrt().item()
+        rows.append({
+            "dtype": dtype,
+            "rms_error": rms_error,
+            "relative_to_mean_rms": rms_error / mean.pow(2).mean().sqrt().item(),
+            "relative_to_posterior_std": rms_error / std.pow(2).mean().sqrt().item(),
+            "max_abs_error": error.abs().max().item(),
+        })
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latents", default=None, help="A latents folder to time; default: a synthetic one.")
+    p.add_argument("--num_samples", type=int, default=16384, help="Size of the synthetic folder.")
+    p.add_argument("--latent_size", type=int, default=32, help="32 for ImageNet 256, 64 for 512.")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "float16", "bfloat16"])
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--num_batches", type=int, default=50)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    p.add_argument("--extraction", action="store_true", help="Time VAE encoding instead of the dataset.")
+    p.add_argument("--storage_error", default=None, metavar="FOLDER",
+                   help="Measure what fp16/bf16 storage does to a float32 latents folder's latents.")
+    p.add_argument("--vae", default=None, help="Extraction: a VAE id or folder; default the SD-VAE architecture.")
+    p.add_argument("--vae_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    p.add_argument("--resolution", type=int, default=256)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="Also write the results here.")
+    args = p.parse_args(argv)
+    for name in ("num_samples", "latent_size", "batch_size", "num_batches", "repeats"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be positive, got {getattr(args, name)}.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device}
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    results = []
+    if args.storage_error:
+        for row in storage_error(args.storage_error):
+            results.append({"mode": "storage_error", **row})
+            print(f"{row['dtype']}: RMS rounding error of the posterior mean {row['rms_error']:.3g} = "
+                  f"{row['relative_to_mean_rms']:.2%} of its RMS, {row['relative_to_posterior_std']:.2%} of the "
+                  f"posterior std; max abs {row['max_abs_error']:.3g}")
+    elif args.extraction:
+        from diffusers import AutoencoderKL
+
+        dtype = getattr(torch, args.vae_dtype)
+        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype) if args.vae else AutoencoderKL(**SD_VAE_CONFIG).to(dtype)
+        vae = vae.to(args.device).eval()
+        result = time_extraction(vae, args.batch_size, args.resolution, args.num_batches, args.repeats, args.device)
+        results.append({"mode": "extraction", "vae_dtype": args.vae_dtype, "batch_size": args.batch_size,
+                        "resolution": args.resolution, **result})
+        print(f"VAE encoding (image + mirror) {args.resolution}px, batch {args.batch_size}, {args.vae_dtype}: "
+              f"{result['images_per_s']:.1f} images/s (min {result['min']:.1f}, max {result['max']:.1f})")
+    elif args.latents:
+        dataset = load_training_data(args.latents)
+        result = time_dataset(dataset, args.batch_size, args.num_batches, args.repeats)
+        results.append({"mode": "dataset", "latents": os.path.basename(os.path.normpath(args.latents)), **result})
+        print(f"{args.latents}: {result['samples_per_s']:.0f} samples/s")
+    else:
+        print(f"synthetic latents: {args.num_samples} samples of 4x{args.latent_size}x{args.latent_size} with flips, "
+              f"batch {args.batch_size}, {info['threads']} torch threads")
+        print("| storage | on disk | work timed | samples/s (median) | min | max |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for dtype in args.dtypes:
+            with tempfile.TemporaryDirectory() as folder:
+                write_synthetic_latents(folder, args.num_samples, args.latent_size, dtype, shard_size=4096)
+                size = sum(os.path.getsize(os.path.join(folder, f)) for f in os.listdir(folder)) / args.num_samples
+                dataset = LatentDataset(folder)
+                for host_only, work in ((True, "host side of a GPU run"), (False, "all on CPU (noise too)")):
+                    result = time_dataset(dataset, args.batch_size, args.num_batches, args.repeats, host_only)
+                    results.append({"mode": "dataset", "dtype": dtype, "work": work, "bytes_per_sample": size, **result})
+                    print(f"| {dtype} | {size / 1024:.0f} KiB/sample | {work} | {result['samples_per_s']:,.0f} | "
+                          f"{result['min']:,.0f} | {result['max']:,.0f} |")
+                del dataset
+        digits = time_dataset(load_training_data("digits"), args.batch_size, args.num_batches, args.repeats)
+        results.append({"mode": "dataset", "dataset": "digits", **digits})
+        print(f"| digits (uint8 in RAM) | | all on CPU | {digits['samples_per_s']:,.0f} | {digits['min']:,.0f} | "
+              f"{digits['max']:,.0f} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()
