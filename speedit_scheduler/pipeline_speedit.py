@@ -1,17 +1,66 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
 """A class-conditional DiT pipeline that keeps the learned variance and works in pixel space.
 
-Stock `DiTPipeline` needs a VAE, hard-codes the null class as 1000 and throws the learned
-variance away. `SpeeDiTPipeline` samples ancestrally with the model's variance
-(`variance_type="learned_range"` on a DDPM scheduler), uses the model's own null class for
-guidance, and decodes through a VAE only when it has one (pixel-space models have none).
+Stock `DiTPipeline` needs a VAE, hard-codes the null class as 1000, throws the learned variance
+away and guides every latent channel. `SpeeDiTPipeline` samples ancestrally with the model's
+variance (`variance_type="learned_range"` on a DDPM scheduler) on DiT's respaced timesteps, uses
+the model's own null class for guidance, can guide only the first `guidance_channels` epsilon
+channels (DiT's evaluation guides 3 of the 4 latent channels), and decodes through a VAE only
+when it has one (pixel-space models have none). Any other diffusers scheduler works too; the
+variance channels are then dropped, as stock `DiTPipeline` does.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+
+def dit_respaced_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
+    """DiT's (ADM's `space_timesteps(T, "n")`) evenly strided timesteps, in sampling (descending) order.
+
+    ADM walks a float cursor from 0 with stride (T - 1) / (n - 1) and rounds it with Python's
+    `round`; diffusers' `timestep_spacing="linspace"` rounds `np.linspace(0, T - 1, n)` instead.
+    The two agree for 250 (and 10, 20, 25, 50, 100, 500, 1000) steps but not for every n (e.g.
+    n = 21: at 499.5 the accumulated cursor lands just under the half), so the pipeline passes these
+    as custom timesteps.
+    """
+    if not 1 <= num_inference_steps <= num_train_timesteps:
+        raise ValueError(
+            f"num_inference_steps={num_inference_steps} must lie in [1, {num_train_timesteps}] (the training steps)."
+        )
+    stride = 1.0 if num_inference_steps == 1 else (num_train_timesteps - 1) / (num_inference_steps - 1)
+    cursor, steps = 0.0, []
+    for _ in range(num_inference_steps):
+        steps.append(round(cursor))
+        cursor += stride  # accumulated, as ADM does; the rounding of ties depends on it
+    return sorted(set(steps), reverse=True)
+
+
+def use_float64_tables(scheduler: DDPMScheduler) -> DDPMScheduler:
+    """Give a DDPM scheduler float64 `betas`/`alphas_cumprod`, as DiT's numpy tables are.
+
+    diffusers builds the tables in float32, so 1 - alphas_cumprod near t = 0 is off by up to
+    1.7e-4 (relative); DiT computes every coefficient in float64 and casts it to float32 when it
+    multiplies the sample. With float64 tables `DDPMScheduler.step` does the same (a 0-d float64
+    tensor times a float32 sample stays float32). Idempotent; only for CPU-held tables (the
+    scheduler indexes them on the CPU).
+    """
+    if scheduler.alphas_cumprod.dtype == torch.float64:
+        return scheduler
+    config = scheduler.config
+    if config.get("trained_betas") is None and config.beta_schedule == "linear":
+        betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
+    else:  # other schedules: keep diffusers' betas, accumulate in float64
+        betas = scheduler.betas.double()
+    scheduler.betas = betas
+    scheduler.alphas = 1.0 - betas
+    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    scheduler.one = torch.tensor(1.0, dtype=torch.float64)
+    return scheduler
 
 
 class SpeeDiTPipeline(DiffusionPipeline):
@@ -34,6 +83,28 @@ class SpeeDiTPipeline(DiffusionPipeline):
             for name in names.split(","):
                 self.labels[name.strip()] = key
 
+    @classmethod
+    def from_dit_pipeline(cls, pipeline: DiffusionPipeline, clip_sample: bool = False) -> "SpeeDiTPipeline":
+        """DiT's evaluation sampler from a loaded stock `DiTPipeline`'s components.
+
+        Same transformer, VAE and class names; the scheduler becomes an ancestral DDPM scheduler
+        with the same training schedule and the learned variance (`learned_range`). DiT samples
+        latents with `clip_denoised=False`, hence `clip_sample=False`.
+        """
+        id2label = pipeline.config.get("id2label")
+        if not id2label:  # stock DiTPipeline keeps only the name -> id map; group it back per id
+            id2label = {}
+            for name, key in getattr(pipeline, "labels", {}).items():
+                id2label[int(key)] = f"{id2label[int(key)]}, {name}" if int(key) in id2label else name
+        learned = pipeline.transformer.config.out_channels == 2 * pipeline.transformer.config.in_channels
+        scheduler = DDPMScheduler.from_config(
+            pipeline.scheduler.config,
+            variance_type="learned_range" if learned else "fixed_small",
+            clip_sample=clip_sample,
+            timestep_spacing="linspace",
+        )
+        return cls(transformer=pipeline.transformer, scheduler=scheduler, vae=pipeline.vae, id2label=id2label)
+
     def get_label_ids(self, labels: str | list[str]) -> list[int]:
         """Class ids of class names (as in `DiTPipeline.get_label_ids`)."""
         labels = [labels] if isinstance(labels, str) else labels
@@ -41,6 +112,10 @@ class SpeeDiTPipeline(DiffusionPipeline):
         if unknown:
             raise ValueError(f"unknown class name(s) {unknown}: known names are {sorted(self.labels)[:20]} ...")
         return [self.labels[label] for label in labels]
+
+    def _step_kwargs(self, generator) -> dict:
+        # Not every scheduler's `step` takes a generator (Heun, DPM-Solver single-step, ...).
+        return {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
 
     @torch.no_grad()
     def __call__(
@@ -51,44 +126,78 @@ class SpeeDiTPipeline(DiffusionPipeline):
         num_inference_steps: int = 250,
         output_type: str = "pil",
         return_dict: bool = True,
+        guidance_channels: int | None = None,
+        latents: torch.Tensor | None = None,
     ) -> ImagePipelineOutput | tuple:
+        """Sample images of `class_labels`.
+
+        guidance_channels: None guides every epsilon channel; k guides only the first k (DiT's
+            evaluation uses 3 on its 4 latent channels: the 4th epsilon channel then comes from
+            the conditional output, as does the variance in every case).
+        generator: one generator, or one per sample (then every sample's initial and per-step
+            noise depends on its own generator only, whatever the batch it is in).
+        output_type: "pil", "np", "pt" (images in [0, 1]) or "latent" (the raw final sample,
+            not decoded, not clamped).
+        """
         config = self.transformer.config
         num_classes = config.num_embeds_ada_norm
+        channels = config.in_channels
         labels = torch.as_tensor(class_labels, device=self._execution_device).reshape(-1)
         if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
             raise ValueError(f"class labels {labels.tolist()} must lie in [0, {num_classes}).")
+        if guidance_channels is not None and not 1 <= guidance_channels <= channels:
+            raise ValueError(f"guidance_channels={guidance_channels} must lie in [1, {channels}] or be None (all).")
+        if isinstance(generator, list) and len(generator) != len(labels):
+            raise ValueError(f"got {len(generator)} generators for {len(labels)} class labels: pass one per sample.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r} is not one of 'pil', 'np', 'pt', 'latent'.")
         batch_size = len(labels)
-        channels = config.in_channels
-        sample = randn_tensor(
-            (batch_size, channels, config.sample_size, config.sample_size),
-            generator=generator,
-            device=self._execution_device,
-            dtype=self.transformer.dtype,
-        )
+        shape = (batch_size, channels, config.sample_size, config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.transformer.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} do not match the expected {shape}.")
+        sample = latents.to(self._execution_device, self.transformer.dtype)
         use_guidance = guidance_scale > 1.0
         if use_guidance:
             labels = torch.cat([labels, torch.full_like(labels, num_classes)])  # null class last
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        if isinstance(self.scheduler, DDPMScheduler):
+            # DiT's respacing, exactly, and DiT's float64 coefficient tables.
+            use_float64_tables(self.scheduler)
+            self.scheduler.set_timesteps(
+                timesteps=dit_respaced_timesteps(self.scheduler.config.num_train_timesteps, num_inference_steps),
+                device=self._execution_device,
+            )
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
+        sample = sample * self.scheduler.init_noise_sigma  # 1 for DDPM/DDIM; Euler-type schedulers need it
+        learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        step_kwargs = self._step_kwargs(generator)
         for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = torch.cat([sample, sample]) if use_guidance else sample
+            model_input = self.scheduler.scale_model_input(sample, t)
+            model_input = torch.cat([model_input, model_input]) if use_guidance else model_input
             timesteps = t.expand(model_input.shape[0]).to(self._execution_device)
             output = self.transformer(model_input, timestep=timesteps, class_labels=labels).sample
             if use_guidance:
                 cond, uncond = output.chunk(2)
-                eps = uncond[:, :channels] + guidance_scale * (cond[:, :channels] - uncond[:, :channels])
-                output = torch.cat([eps, cond[:, channels:]], dim=1)
-            if output.shape[1] == 2 * channels and self.scheduler.config.variance_type not in ("learned", "learned_range"):
+                k = channels if guidance_channels is None else guidance_channels
+                guided = uncond[:, :k] + guidance_scale * (cond[:, :k] - uncond[:, :k])
+                output = torch.cat([guided, cond[:, k:]], dim=1)
+            if output.shape[1] == 2 * channels and not learned_variance:
                 output = output[:, :channels]
-            sample = self.scheduler.step(output, t, sample, generator=generator).prev_sample
+            sample = self.scheduler.step(output, t, sample, **step_kwargs).prev_sample
 
-        if self.vae is not None:
-            sample = self.vae.decode(sample / self.vae.config.scaling_factor).sample
-        images = (sample.float() / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            images = images.cpu().permute(0, 2, 3, 1).numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
+        if output_type == "latent":
+            images = sample
+        else:
+            if self.vae is not None:
+                sample = self.vae.decode(sample / self.vae.config.scaling_factor).sample
+            images = (sample.float() / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                images = images.cpu().permute(0, 2, 3, 1).numpy()
+                if output_type == "pil":
+                    images = self.numpy_to_pil(images)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (images,)

@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Sample a class-conditional DiT pipeline: labelled grids, single PNGs, or .npz files for FID.
+
+    # a grid of three classes, DiT's evaluation sampler (250 DDPM steps, learned variance)
+    python sample_dit.py --pretrained_model_name_or_path dit-xl-2-speed \\
+        --class_labels 207 360 golden_retriever --guidance_scale 4 --output grid.png
+
+    # 50K samples for FID (ADM evaluator .npz), any number of processes, resumable
+    accelerate launch sample_dit.py --pretrained_model_name_or_path dit-xl-2-speed \\
+        --num_samples 50000 --sample_dir samples/dit-xl-2-speed --guidance_scale 1.5
+
+`--sampler faithful` (default) samples as DiT's evaluation does (see docs/sampling.md);
+`--sampler diffusers` runs the stock `DiTPipeline` (guidance on all channels, variance dropped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import sys
+import time
+
+import torch
+
+from speedit_scheduler.sampling import SCHEDULERS, ShardPlan, labelled_grid, resolve_class_labels, short_label, to_uint8
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# DiT's defaults: sample.py guides with 4.0 for pictures, sample_ddp.py with 1.5 for FID-50K.
+DEFAULT_GUIDANCE = {"grid": 4.0, "mass": 1.5}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pretrained_model_name_or_path", "--model", required=True, help="Pipeline folder or Hub id.")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
+    p.add_argument("--class_labels", nargs="+", default=None, help="Class ids or names (names via id2label).")
+    p.add_argument("--output", default=None, help="Labelled grid (.png/.jpg): one image per requested label.")
+    p.add_argument("--output_dir", default=None, help="Folder for one PNG per requested label.")
+    p.add_argument("--num_samples", type=int, default=None, help="Mass sampling: this many samples, random classes.")
+    p.add_argument("--sample_dir", default=None, help="Mass sampling: shards and the merged samples_N.npz go here.")
+    p.add_argument("--sampler", choices=("faithful", "diffusers"), default="faithful")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help=f"One of {', '.join(SCHEDULERS)}. Default: ddpm (learned variance) for --sampler faithful, "
+        "the pipeline's own scheduler for --sampler diffusers.",
+    )
+    p.add_argument("--guidance_scale", type=float, default=None, help="1 = no guidance. Default 4 (grids), 1.5 (FID).")
+    p.add_argument(
+        "--guidance_channels",
+        default=None,
+        help="Faithful sampler: 'all' or k (guide the first k eps channels). Default: 3 for latent models (DiT), all for pixel models.",
+    )
+    p.add_argument("--num_inference_steps", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32, help="Per process.")
+    p.add_argument("--device", default=None, help="Default: the accelerate process's device (cuda if available).")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> None:
+    raise SystemExit(f"error: {message}")
+
+
+def check_args(args: argparse.Namespace) -> str:
+    """Checks that need no model; returns the mode, 'grid' or 'mass'."""
+    grid = args.class_labels is not None or args.output is not None or args.output_dir is not None
+    mass = args.num_samples is not None or args.sample_dir is not None
+    if grid and mass:
+        fail("--class_labels/--output/--output_dir (pictures) and --num_samples/--sample_dir (FID) exclude each other.")
+    if mass:
+        if args.num_samples is None or args.sample_dir is None:
+            fail("mass sampling needs both --num_samples N and --sample_dir DIR.")
+        if args.num_samples < 1:
+            fail(f"--num_samples {args.num_samples} must be at least 1.")
+    else:
+        if not args.class_labels:
+            fail("give --class_labels (ids or names) with --output/--output_dir, or --num_samples with --sample_dir.")
+        if args.output is None and args.output_dir is None:
+            fail("give --output grid.png and/or --output_dir DIR for the images.")
+        if args.output is not None and os.path.splitext(args.output)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            fail(f"--output {args.output!r} must end in .png, .jpg or .webp.")
+    mode = "mass" if mass else "grid"
+    if args.guidance_scale is None:
+        args.guidance_scale = DEFAULT_GUIDANCE[mode]
+    if not args.guidance_scale >= 1.0:
+        fail(f"--guidance_scale {args.guidance_scale} must be >= 1 (1 = no guidance).")
+    if args.num_inference_steps < 1:
+        fail(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
+    if args.batch_size < 1:
+        fail(f"--batch_size {args.batch_size} must be at least 1.")
+    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
+        fail(f"--scheduler {args.scheduler!r} is unknown: choose one of {', '.join(SCHEDULERS)}.")
+    if args.guidance_channels is not None:
+        if args.sampler != "faithful":
+            fail("--guidance_channels needs --sampler faithful (stock DiTPipeline guides every channel).")
+        if args.guidance_channels != "all" and not re.fullmatch(r"\d+", args.guidance_channels):
+            fail(f"--guidance_channels {args.guidance_channels!r} must be 'all' or a channel count like 3.")
+    return mode
+
+
+def read_metadata(path: str, revision: str | None) -> dict:
+    """model_index.json and the transformer config, without loading any weights."""
+
+    def read(name: str) -> dict:
+        if os.path.isdir(path):
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                fail(f"{path!r} has no {name}: give a diffusers pipeline folder (as train_dit.py writes).")
+        else:
+            if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+                fail(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder or a Hub id (owner/name).")
+            from huggingface_hub import hf_hub_download
+
+            try:
+                file = hf_hub_download(path, name, revision=revision)
+            except Exception as e:  # offline, missing repo, no access: all end here
+                fail(f"cannot fetch {name} of {path!r} from the Hub ({type(e).__name__}): check the id, login or network.")
+        with open(file) as f:
+            return json.load(f)
+
+    index = read("model_index.json")
+    transformer = read("transformer/config.json")
+    has_vae = bool(index.get("vae")) and index["vae"][0] is not None
+    return {
+        "class_name": index.get("_class_name"),
+        "id2label": {int(k): v for k, v in (index.get("id2label") or {}).items()},
+        "num_classes": transformer["num_embeds_ada_norm"],
+        "in_channels": transformer["in_channels"],
+        "learned_variance": transformer.get("out_channels") == 2 * transformer["in_channels"],
+        "latent": has_vae,
+    }
+
+
+def check_model_args(args: argparse.Namespace, meta: dict) -> None:
+    if meta["class_name"] not in ("DiTPipeline", "SpeeDiTPipeline"):
+        fail(f"{args.pretrained_model_name_or_path!r} is a {meta['class_name']}, not a DiTPipeline or SpeeDiTPipeline.")
+    if args.sampler == "diffusers":
+        if meta["class_name"] != "DiTPipeline":
+            fail("--sampler diffusers runs stock DiTPipeline, which needs a latent (VAE) model: use --sampler faithful.")
+        if args.guidance_scale > 1 and meta["num_classes"] != 1000:
+            fail(
+                f"stock DiTPipeline hard-codes the null class 1000 but this model has {meta['num_classes']} classes: "
+                "use --sampler faithful --guidance_channels all for the same guidance."
+            )
+    if args.guidance_channels not in (None, "all") and not 1 <= int(args.guidance_channels) <= meta["in_channels"]:
+        fail(f"--guidance_channels {args.guidance_channels} must lie in [1, {meta['in_channels']}] or be 'all'.")
+
+
+def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
+    """The pipeline to call and the extra keyword arguments of its call."""
+    from diffusers import DiffusionPipeline
+
+    from speedit_scheduler import SpeeDiTPipeline
+    from speedit_scheduler.sampling import build_scheduler
+
+    dtype = DTYPES[args.dtype]
+    if meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
+        pipe = SpeeDiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype)
+    kwargs = {}
+    if args.sampler == "faithful":
+        if not isinstance(pipe, SpeeDiTPipeline):
+            pipe = SpeeDiTPipeline.from_dit_pipeline(pipe)
+        pipe.scheduler = build_scheduler(
+            args.scheduler or "ddpm",
+            pipe.scheduler.config,
+            learned_variance=meta["learned_variance"],
+            clip_sample=False if meta["latent"] else None,  # DiT: clip_denoised=False for latents
+        )
+        channels = args.guidance_channels or ("3" if meta["latent"] and meta["in_channels"] > 3 else "all")
+        kwargs["guidance_channels"] = None if channels == "all" else int(channels)
+    elif args.scheduler is not None:
+        pipe.scheduler = build_scheduler(args.scheduler, pipe.scheduler.config, learned_variance=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device), kwargs
+
+
+def generate(pipe, labels: list[int], generators: list[torch.Generator], seed_key: int, args, kwargs) -> torch.Tensor:
+    """Images in [0, 1], N x C x H x W, on the CPU."""
+    # Stock DiTPipeline does not pass a generator to `scheduler.step`: seed the global RNG per batch
+    # so that ancestral schedulers are reproducible there too.
+    torch.manual_seed(seed_key)
+    images = pipe(
+        class_labels=labels,
+        guidance_scale=args.guidance_scale,
+        generator=generators,
+        num_inference_steps=args.num_inference_steps,
+        output_type="np",
+        **kwargs,
+    ).images
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float()
+
+
+def sample_pictures(args, meta, labels: list[int], pipe, kwargs) -> None:
+    from speedit_scheduler.sampling import sample_generator
+
+    images = []
+    for start in range(0, len(labels), args.batch_size):
+        batch = labels[start : start + args.batch_size]
+        generators = [sample_generator(args.seed, i) for i in range(start, start + len(batch))]
+        images.append(generate(pipe, batch, generators, args.seed * 1_000_003 + start, args, kwargs))
+    pil = pipe.numpy_to_pil(torch.cat(images).permute(0, 2, 3, 1).numpy())
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+        for i, (image, label) in enumerate(zip(pil, labels)):
+            image.save(os.path.join(args.output_dir, f"{i:04d}_class{label:04d}.png"))
+        print(f"wrote {len(pil)} images to {args.output_dir}")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        labelled_grid(pil, [short_label(label, meta["id2label"]) for label in labels]).save(args.output)
+        print(f"wrote {args.output}")
+
+
+def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
+    from tqdm.auto import tqdm
+
+    from speedit_scheduler.sampling import sample_labels_and_generators
+
+    plan = ShardPlan(args.sample_dir, args.num_samples, args.batch_size)
+    # Everything that changes a sample; shards of other settings must not be mixed in.
+    settings = {
+        k: getattr(args, k)
+        for k in ("pretrained_model_name_or_path", "revision", "num_samples", "batch_size", "seed", "sampler",
+                  "scheduler", "guidance_scale", "num_inference_steps", "dtype")
+    }
+    settings["guidance_channels"] = kwargs.get("guidance_channels", "all")
+    if state.is_main_process:
+        plan.check_settings(settings)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        plan.check_settings(settings)
+    todo = plan.todo(state.process_index, state.num_processes)
+    stop_after = int(os.environ.get("SPEEDIT_TEST_STOP_AFTER_SHARDS", "0"))  # tests: simulate a kill
+    total = sum(len(plan.indices(k)) for k in todo)
+    bar = tqdm(total=total, unit="img", disable=not state.is_main_process, desc="sampling")
+    start, done = time.time(), 0
+    for n, shard in enumerate(todo, 1):
+        indices = plan.indices(shard)
+        labels, generators = sample_labels_and_generators(args.seed, indices, meta["num_classes"])
+        images = generate(pipe, labels, generators, args.seed * 1_000_003 + shard, args, kwargs)
+        plan.write_shard(shard, to_uint8(images), labels)
+        done += len(indices)
+        bar.update(len(indices))
+        # every process runs about as fast: this process's rate times the count
+        bar.set_postfix(img_s=f"{done * state.num_processes / (time.time() - start):.2f}")
+        if stop_after and n >= stop_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    bar.close()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        path = plan.merge()
+        print(f"wrote {path} ({args.num_samples} samples, arr_0 uint8 NHWC, arr_1 labels)")
+        return path
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    mode = check_args(args)
+    meta = read_metadata(args.pretrained_model_name_or_path, args.revision)
+    check_model_args(args, meta)
+    labels = None
+    if mode == "grid":
+        try:
+            labels = resolve_class_labels(args.class_labels, meta["id2label"], meta["num_classes"])
+        except ValueError as e:
+            fail(str(e))
+
+    from accelerate import PartialState
+
+    # CPU-only multi-process runs (accelerate_configs/cpu.yaml) communicate over gloo.
+    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    device = torch.device(args.device) if args.device else state.device
+    if args.dtype != "float32" and device.type == "cpu":
+        print(f"warning: --dtype {args.dtype} on the CPU is slow; float32 is the CPU default.", file=sys.stderr)
+    pipe, kwargs = load_sampler(args, meta, device)
+    if mode == "grid":
+        if state.is_main_process:
+            sample_pictures(args, meta, labels, pipe, kwargs)
+    else:
+        sample_for_fid(args, meta, state, pipe, kwargs)
+
+
+if __name__ == "__main__":
+    main()
