@@ -102,7 +102,10 @@ def main(argv=None) -> None:
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     if accelerator.is_main_process:
-        print(f"wrote {manifest['num_samples']} latents {tuple(manifest['latent_shape'])} to {args.output_dir}")
+        print(
+            f"wrote {manifest['num_samples']} latents {tuple(manifest['latent_shape'])} to {args.output_dir} "
+            f"by {accelerator.num_processes} process{'es' if accelerator.num_processes > 1 else ''}"
+        )
         if manifest["skipped"]:
             print(f"skipped {len(manifest['skipped'])} unreadable image(s), listed in manifest.json:")
             for entry in manifest["skipped"][:20]:

@@ -56,12 +56,22 @@ def extract_args(images, vae_dir, out, *extra):
             "--shard_size", "4", "--batch_size", "3", "--num_workers", "0", *extra]
 
 
-def run_extract(args, kill_at=None):
+def two_process_launcher():
+    import socket
+
+    with socket.socket() as sock:  # a fresh rendezvous port per launch
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            os.path.join(ROOT, "accelerate_configs", "cpu.yaml"), "--main_process_port", str(port)]
+
+
+def run_extract(args, kill_at=None, launcher=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
     env.pop("SPEEDIT_TEST_KILL_AT", None)
     if kill_at:
         env["SPEEDIT_TEST_KILL_AT"] = kill_at
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "extract_latents.py"), *args]
+    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "scripts", "extract_latents.py"), *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -137,6 +147,22 @@ def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
+
+
+def test_two_processes_write_what_one_process_writes(images, vae_dir, extracted, tmp_path):
+    out = tmp_path / "ddp"
+    result = run_extract(extract_args(images, vae_dir, out), launcher=two_process_launcher())
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "by 2 processes" in result.stdout
+    reference, _ = extracted
+    a, b = shard_tensors(reference), shard_tensors(out)
+    assert a.keys() == b.keys()
+    for key in a:  # each launched process runs 1 thread: convolutions sum in another order
+        if key.endswith("moments"):
+            torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+        else:
+            assert torch.equal(a[key], b[key]), key
     assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
 
 
