@@ -8,9 +8,16 @@ several timestep presets and compare sample quality along training.
         --model S/2 --num_layers 12 --hidden_size 384 --num_attention_heads 6 \
         --batch_size 256 --max_steps 10000 --eval_every 1000 --device cuda --mixed_precision bf16
 
+    # ImageNet (or any) latents from scripts/extract_latents.py, judged by FID & co.:
+    python scripts/compare_convergence.py --train_data latents/imagenet256 --metric fid \
+        --reference_batch VIRTUAL_imagenet256_labeled.npz --inception_weights weights-inception-2015-12-05-6726825d.pth \
+        --model XL/2 --num_layers 28 --hidden_size 1152 --num_attention_heads 16 --device cuda --mixed_precision bf16
+
 Writes results.json, table.md (quality per step and the speed-up against `uniform`) and
-convergence.png to --output_dir. Quality: Frechet distance in the features of a classifier
-trained on the real images, and the classifier's accuracy on class-conditional samples.
+convergence.png to --output_dir. Quality (`--metric classifier`, pixel data): Frechet distance in
+the features of a classifier trained on the real images, and the classifier's accuracy on
+class-conditional samples; (`--metric fid`): ADM's FID, sFID, IS, precision and recall against a
+reference batch, through scripts/evaluate.py's Inception network.
 """
 
 import argparse
@@ -34,7 +41,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=defaults.presets, choices=sorted(PRESETS))
     p.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
-    p.add_argument("--train_data", default=defaults.train_data, help="'digits' or an .npz of images and labels.")
+    p.add_argument("--train_data", default=defaults.train_data,
+                   help="'digits', an .npz of images and labels, or a latents folder from scripts/extract_latents.py.")
     p.add_argument("--resolution", type=int, default=None, help="Pad images to this side (32 for MNIST).")
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--num_layers", type=int, default=defaults.num_layers)
@@ -50,6 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
+    p.add_argument("--metric", choices=["classifier", "fid"], default=defaults.metric)
+    p.add_argument("--reference_batch", default=None, help="--metric fid: ADM-format reference .npz.")
+    p.add_argument("--inception_weights", default=None, help="--metric fid: the FID Inception weights file.")
+    p.add_argument("--vae", default=None, help="Decoder of latent data (default: the latents folder's VAE).")
     p.add_argument("--num_workers", type=int, default=1, help="Runs in parallel (e.g. several on one GPU).")
     p.add_argument("--output_dir", default="convergence")
     p.add_argument("--from_progress", default=None, help="Only rebuild the report from a progress.jsonl.")
@@ -58,8 +70,15 @@ def parse_args(argv=None):
         p.error("--presets must include 'uniform', the baseline of the speed-up.")
     if args.eval_every < 1 or args.max_steps < args.eval_every:
         p.error(f"--eval_every {args.eval_every} must lie in [1, --max_steps {args.max_steps}].")
-    if args.train_data != "digits" and not os.path.isfile(args.train_data):
-        p.error(f"--train_data {args.train_data!r} does not exist: give 'digits' or an .npz file (e.g. MNIST).")
+    if args.train_data != "digits" and not os.path.exists(args.train_data):
+        p.error(f"--train_data {args.train_data!r} does not exist: give 'digits', an .npz file (e.g. MNIST) or a latents folder.")
+    if args.metric == "fid" and not args.from_progress:
+        if not args.reference_batch:
+            p.error("--metric fid needs --reference_batch (make one with scripts/evaluate.py --make_reference).")
+        if not os.path.isfile(args.reference_batch):
+            p.error(f"--reference_batch {args.reference_batch!r} does not exist.")
+    if args.metric == "classifier" and os.path.isdir(args.train_data):
+        p.error("a latents folder has no pixels for the classifier metric: use --metric fid --reference_batch REF.npz.")
     return args
 
 
@@ -76,7 +95,8 @@ def main(argv=None):
         if os.path.exists(config.progress_path):
             os.remove(config.progress_path)
         runs = run_comparison(config, num_workers=args.num_workers)
-    write_report(runs, config, args.output_dir, command, ["frechet_distance", "accuracy"])
+    keys = ["frechet_distance", "accuracy"] if args.metric == "classifier" else ["fid", "sfid", "is", "precision", "recall"]
+    write_report(runs, config, args.output_dir, command, keys)
     print(f"Wrote {os.path.abspath(args.output_dir)}/{{results.json,table.md,convergence.png}}")
 
 

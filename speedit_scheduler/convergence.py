@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import DiTTransformer2DModel
 
-from .data import ClassConditionalDataset, DeterministicOrder, load_training_data
+from .data import ClassConditionalDataset, DeterministicOrder, TrainingDataset, data_generator, load_training_data
 from .evaluation import ReferenceClassifier
 from .losses import DiTLoss
 from .models import create_dit, disable_internal_label_dropout, null_class_label
@@ -45,6 +45,10 @@ class ComparisonConfig:
     guidance_scale: float = 1.0
     device: str = "cpu"
     mixed_precision: str = "no"  # "bf16" autocast on GPUs
+    metric: str = "classifier"  # or "fid": ADM's FID/sFID/IS/precision/recall against reference_batch
+    reference_batch: str | None = None  # ADM-format .npz of real images (scripts/evaluate.py --make_reference)
+    inception_weights: str | None = None  # torch-fidelity's FID Inception weights file
+    vae: str | None = None  # decodes latent data for the metric; default: the latents folder's VAE
     progress_path: str | None = None  # JSON lines appended at every evaluation (survives a kill)
 
 
@@ -53,10 +57,13 @@ class ClassifierMetric:
     better) and the class accuracy of class-conditional samples."""
 
     primary = "frechet_distance"
+    keys = ["frechet_distance", "accuracy"]
 
     def __init__(self, dataset: ClassConditionalDataset):
         if dataset.latent:
-            raise ValueError("the classifier metric needs pixel data; pass a pixel .npz or 'digits'.")
+            raise ValueError(
+                "the classifier metric needs pixel data: use --metric fid with --reference_batch for latent data."
+            )
         self.classifier = ReferenceClassifier(dataset.samples.float() / 255.0, dataset.labels)
 
     def __call__(self, images: torch.Tensor, labels: list[int]) -> dict[str, float]:
@@ -66,10 +73,39 @@ class ClassifierMetric:
         }
 
 
+def build_metric(config: ComparisonConfig, dataset: TrainingDataset):
+    """The quality measure of a comparison: the digit classifier, or FID & co. through Inception."""
+    if config.metric == "classifier":
+        return ClassifierMetric(dataset)
+    if config.metric == "fid":
+        from .evaluation import FIDMetric
+
+        if not config.reference_batch:
+            raise ValueError("--metric fid needs --reference_batch REF.npz (make one with scripts/evaluate.py --make_reference).")
+        metric = FIDMetric(config.reference_batch, config.inception_weights, device=config.device)
+        metric.keys = list(metric.lower_is_better)
+        return metric
+    raise ValueError(f"--metric {config.metric!r} is not one of 'classifier', 'fid'.")
+
+
+def load_decoder(config: ComparisonConfig, dataset: TrainingDataset):
+    """The VAE that turns generated latents into images for the metric (None for pixel data)."""
+    if not dataset.latent:
+        return None
+    from diffusers import AutoencoderKL
+
+    path = config.vae or getattr(dataset, "vae_name_or_path", None)
+    if path is None:
+        raise ValueError("latent .npz data does not say which VAE made it: pass --vae.")
+    return AutoencoderKL.from_pretrained(path).to(config.device).eval()
+
+
 @torch.no_grad()
-def generate(model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int):
+def generate(
+    model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int, vae=None
+):
     pipeline = SpeeDiTPipeline(
-        transformer=model, scheduler=learned_variance_scheduler(scheduler, clip_sample=True)
+        transformer=model, scheduler=learned_variance_scheduler(scheduler, clip_sample=vae is None), vae=vae
     ).to(config.device)
     pipeline.set_progress_bar_config(disable=True)
     labels = [c for c in range(num_classes) for _ in range(per_class)]
@@ -84,7 +120,7 @@ def generate(model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: in
     return images.float().cpu(), labels
 
 
-def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: ClassConditionalDataset, metric) -> dict:
+def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: TrainingDataset, metric, vae=None) -> dict:
     """Train one preset from seed `seed`'s initialisation and evaluate its EMA at fixed steps."""
     device = torch.device(config.device)
     channels, size, _ = dataset.sample_shape
@@ -107,18 +143,19 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: ClassCo
     order = DeterministicOrder(len(dataset), config.batch_size, 1, seed)
     null_label = null_class_label(model)
     eval_model = DiTTransformer2DModel.from_config(model.config).to(device).eval()
-    if device.type == "cuda":  # small datasets live on the GPU: no host-to-device copy per step
+    if device.type == "cuda" and isinstance(dataset, ClassConditionalDataset):
+        # small datasets live on the GPU: no host-to-device copy per step
         dataset.samples, dataset.labels = dataset.samples.to(device), dataset.labels.to(device)
     use_bf16 = config.mixed_precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = True
 
     history, losses, start = [], [], time.perf_counter()
     for step in range(1, config.max_steps + 1):
-        batch = dataset.get_batch(order.indices(step - 1, 0).to(dataset.samples.device))
+        batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
         generator = step_generator(seed, 0, step - 1, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
-                model, scheduler, loss_fn, batch["samples"].to(device), batch["class_labels"].to(device), generator,
+                model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
                 config.class_dropout_prob, null_label,
             )
         out.loss.backward()
@@ -131,7 +168,9 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: ClassCo
             print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s", flush=True)
         if step % config.eval_every == 0 or step == config.max_steps:
             ema.copy_to(eval_model.parameters())
-            images, labels = generate(eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed)
+            images, labels = generate(
+                eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed, vae
+            )
             values = metric(images, labels)
             loss = torch.stack(losses).float().mean().item()
             losses = []
@@ -154,7 +193,7 @@ def _worker(args):
     with threadpool_limits(threads):
         config = ComparisonConfig(**config_dict)
         dataset = load_training_data(config.train_data, config.resolution)
-        return train_one(preset, seed, config, dataset, metric)
+        return train_one(preset, seed, config, dataset, metric, load_decoder(config, dataset))
 
 
 def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]:
@@ -163,11 +202,12 @@ def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]
     The metric (its classifier) is built once and shared, so every run is judged by the same one.
     """
     dataset = load_training_data(config.train_data, config.resolution)
-    metric = ClassifierMetric(dataset)
+    metric = build_metric(config, dataset)
     threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
     jobs = [(preset, seed, asdict(config), metric, threads) for seed in config.seeds for preset in config.presets]
     if num_workers <= 1:
-        return [train_one(preset, seed, config, dataset, metric) for preset, seed, *_ in jobs]
+        vae = load_decoder(config, dataset)
+        return [train_one(preset, seed, config, dataset, metric, vae) for preset, seed, *_ in jobs]
     import multiprocessing as mp
 
     with mp.get_context("spawn").Pool(num_workers) as pool:
