@@ -1,0 +1,106 @@
+#!/usr/bin/env python
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+"""Convert an original DiT / SpeeDiT `.pt` checkpoint into a diffusers pipeline folder.
+
+    python scripts/convert_dit_checkpoint.py --checkpoint DiT-XL-2-256x256.pt --output_dir dit-xl-2-256
+
+The folder is what train_dit.py writes for latent models (a stock `DiTPipeline` plus
+`training_scheduler/`) and loads with `DiffusionPipeline.from_pretrained`. See docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from speedit_scheduler.conversion import (  # noqa: E402
+    DTYPES,
+    check_output_dir,
+    convert_dit_checkpoint,
+    describe_conversion,
+    format_difference_table,
+)
+from speedit_scheduler.scheduling_speedit import PRESETS  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="original DiT / SpeeDiT .pt (state dict or train.py checkpoint)")
+    p.add_argument("--output_dir", required=True, help="pipeline folder to write (must be empty or new)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL Hub id or local folder")
+    p.add_argument("--use_raw", action="store_true", help="convert train.py's raw 'model' weights instead of 'ema'")
+    p.add_argument("--speedit", default="uniform", choices=list(PRESETS),
+                   help="training-scheduler preset to record: uniform for DiT, speed / speedit-v1 for SpeeDiT")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
+    p.add_argument("--num_attention_heads", type=int, default=None,
+                   help="heads of a custom model whose depth / hidden size match no DiT preset")
+    p.add_argument("--num_classes", type=int, default=None,
+                   help="class count if it is not the label-table rows minus the null class")
+    p.add_argument("--verify", action="store_true",
+                   help="compare the converted model with a reference original forward pass and print the table")
+    p.add_argument("--push_to_hub", action="store_true")
+    p.add_argument("--hub_model_id", default=None)
+    p.add_argument("--hub_token", default=None)
+    p.add_argument("--hub_private_repo", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Every cheap check before the checkpoint is read.
+    check_output_dir(args.output_dir, args.overwrite)
+    if args.num_attention_heads is not None and args.num_attention_heads < 1:
+        raise ValueError(f"--num_attention_heads {args.num_attention_heads} must be at least 1.")
+    token = None
+    if args.push_to_hub:
+        from speedit_scheduler.hub import resolve_hub_token
+
+        if not args.hub_model_id:
+            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-256).")
+        token = resolve_hub_token(args.hub_token)
+
+    _, info, rows = convert_dit_checkpoint(
+        args.checkpoint,
+        args.output_dir,
+        vae=args.vae,
+        use_raw=args.use_raw,
+        speedit_preset=args.speedit,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        num_attention_heads=args.num_attention_heads,
+        num_classes=args.num_classes,
+        verify=args.verify,
+    )
+    print(describe_conversion(info))
+    if rows is not None:
+        print("weight mapping verified exact (diffusers' sinusoid); |converted - original| with the original sinusoid:")
+        print(format_difference_table(rows))
+    print(f"wrote {args.output_dir}")
+
+    if args.push_to_hub:
+        from speedit_scheduler.hub import push_folder_to_hub, write_model_card
+
+        stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+        steps = int(stem) if re.fullmatch(r"\d+", stem) else "an unknown number of"  # DiT names them 0400000.pt
+        card_config = {"converted_from": os.path.basename(args.checkpoint), "weights": info.source,
+                       "speedit": args.speedit, "dtype": args.dtype, **info.checkpoint_args}
+        write_model_card(args.output_dir, args.hub_model_id, card_config, steps, None, latent=True)
+        if not push_folder_to_hub(args.output_dir, args.hub_model_id, token, "Convert DiT checkpoint",
+                                  private=args.hub_private_repo):
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        # One line for the user, no traceback: every message names the value and the fix.
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
