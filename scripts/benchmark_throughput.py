@@ -66,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--attention", type=_list(str), default=["sdpa"], help="sdpa, math, flash, efficient or xformers.")
     p.add_argument("--compile", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU check).")
     p.add_argument(
         "--gradient_checkpointing", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]"
     )
@@ -88,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flops_only", action="store_true", help="Only count FLOPs (meta device, no compute) and exit.")
     p.add_argument("--sweep", action="store_true", help="Every combination of the listed options, one row each.")
     p.add_argument("--config_timeout", type=float, default=300.0, help="Sweep: seconds allowed per configuration.")
+    p.add_argument("--time_budget", type=float, default=None, help="Sweep: seconds for the whole sweep (groups after it are skipped).")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--markdown", default=None, help="Write the results table here.")
     p.add_argument("--worker_jsonl", default=None, help=argparse.SUPPRESS)  # a sweep group's rows, one per line
@@ -100,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 raise SystemExit(f"error: --{name} has {len(values)} values ({values}): pass --sweep to run each.")
     if args.config_timeout <= 0:
         raise SystemExit(f"error: --config_timeout {args.config_timeout} must be positive.")
+    if args.time_budget is not None and args.time_budget <= 0:
+        raise SystemExit(f"error: --time_budget {args.time_budget} must be positive.")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads {args.threads} must be at least 1.")
     if args.sweep and args.overhead:
@@ -117,6 +121,7 @@ def base_config(args: argparse.Namespace, precision: str, compile: bool):
         precision=precision,
         attention=args.attention[0],
         compile=compile,
+        compile_backend=args.compile_backend,
         gradient_checkpointing=args.gradient_checkpointing[0],
         fused_adamw=args.fused_adamw,
         ema=args.ema,
@@ -283,7 +288,7 @@ def run_in_process(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------------
 def worker_argv(argv: list[str], precision: str | None, compile: bool, jsonl: str) -> list[str]:
     """The sweep's own arguments minus the sweep-level ones, with this group's precision and compile."""
-    drop_with_value = {"--precision", "--compile", "--json", "--markdown", "--config_timeout"}
+    drop_with_value = {"--precision", "--compile", "--json", "--markdown", "--config_timeout", "--time_budget"}
     out, skip = [], False
     for i, a in enumerate(argv):
         if skip:
@@ -307,17 +312,23 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> dict:
     groups = list(itertools.product(args.precision or [None], args.compile))
     per_group = len(args.batch_size) * len(args.attention) * len(args.gradient_checkpointing)
     rows, header = [], None
+    sweep_start = time.perf_counter()
     for index, (precision, compile) in enumerate(groups):
+        limit = args.config_timeout * per_group
+        if args.time_budget is not None:
+            limit = min(limit, args.time_budget - (time.perf_counter() - sweep_start))
         with tempfile.TemporaryDirectory() as tmp:
             jsonl = os.path.join(tmp, "rows.jsonl")
             cmd = [sys.executable, os.path.abspath(__file__)] + worker_argv(argv, precision, compile, jsonl)
-            limit = args.config_timeout * per_group
             started = time.perf_counter()
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-                failure = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            except subprocess.TimeoutExpired:
-                failure = f"timeout after {limit:.0f} s"
+            if limit <= 0:
+                failure = "skipped (--time_budget spent)"
+            else:
+                try:
+                    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
+                    failure = None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                except subprocess.TimeoutExpired:
+                    failure = f"timeout after {limit:.0f} s"
             group_rows = []
             if os.path.exists(jsonl):
                 with open(jsonl) as f:

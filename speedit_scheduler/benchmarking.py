@@ -48,6 +48,7 @@ class BenchmarkConfig:
     precision: str = "bf16"
     attention: str = "sdpa"
     compile: bool = False
+    compile_backend: str = "inductor"  # train_dit.py's torch.compile default; aot_eager for quick CPU checks
     gradient_checkpointing: bool = False
     fused_adamw: bool | None = None  # None: the trainer's choice (fused on CUDA)
     ema: str = "foreach"
@@ -446,7 +447,7 @@ class TrainingBenchmark:
         model = self.prepared_model
         if compile:
             torch._dynamo.reset()  # a fresh static-shape compile per configuration, as one training run gets
-            model = torch.compile(model)
+            model = torch.compile(model, backend=self.config.compile_backend)
         self.state.model = model
 
     def trainer_step(self) -> None:
@@ -522,6 +523,7 @@ def measure(
         "precision": cfg.precision,
         "attention": attention,
         "compile": compile,
+        "compile_backend": cfg.compile_backend if compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "fused_adamw": bench.fused_adamw,
         "ema": cfg.ema,
