@@ -157,13 +157,18 @@ def main(argv=None) -> None:
         from diffusers import AutoencoderKL
 
         dtype = getattr(torch, args.vae_dtype)
-        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype) if args.vae else AutoencoderKL(**SD_VAE_CONFIG).to(dtype)
+        if args.vae:
+            vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype)
+        else:
+            torch.manual_seed(0)
+            vae = AutoencoderKL(**SD_VAE_CONFIG)
+            vae = vae if dtype == torch.float32 else vae.to(dtype)
         vae = vae.to(args.device).eval()
         result = time_extraction(vae, args.batch_size, args.resolution, args.num_batches, args.repeats, args.device)
         results.append({"mode": "extraction", "vae_dtype": args.vae_dtype, "batch_size": args.batch_size,
                         "resolution": args.resolution, **result})
         print(f"VAE encoding (image + mirror) {args.resolution}px, batch {args.batch_size}, {args.vae_dtype}: "
-              f"{result['images_per_s']:.1f} images/s (min {result['min']:.1f}, max {result['max']:.1f})")
+              f"{result['images_per_s']:.3g} images/s (min {result['min']:.3g}, max {result['max']:.3g})")
     elif args.latents:
         dataset = load_training_data(args.latents)
         result = time_dataset(dataset, args.batch_size, args.num_batches, args.repeats)
