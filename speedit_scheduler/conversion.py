@@ -124,7 +124,9 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict
                     if prefix not in seen:
                         seen.append(prefix)
         if key in stripped:
-            raise ValueError(f"key {key!r} appears twice once wrapper prefixes are removed: the checkpoint is ambiguous.")
+            raise ValueError(
+                f"key {key!r} appears twice once wrapper prefixes are removed: the checkpoint is ambiguous."
+            )
         stripped[key] = value
     return stripped, seen
 
@@ -151,7 +153,9 @@ def select_state_dict(checkpoint: Any, use_raw: bool = False) -> tuple[dict[str,
     if has_ema or has_model:
         if use_raw:
             if not has_model:
-                raise ValueError("--use_raw asks for the raw weights but the checkpoint has no 'model' entry: drop --use_raw.")
+                raise ValueError(
+                    "--use_raw asks for the raw weights but the checkpoint has no 'model' entry: drop --use_raw."
+                )
             return dict(checkpoint["model"]), "model", args
         if not has_ema:
             logger.warning("The checkpoint has no 'ema' weights; converting the raw 'model' weights.")
@@ -222,17 +226,22 @@ def infer_dit_config(
     depth = _check_keys(state_dict)
     proj = state_dict["x_embedder.proj.weight"]
     if proj.ndim != 4 or proj.shape[2] != proj.shape[3]:
-        raise ValueError(f"x_embedder.proj.weight has shape {tuple(proj.shape)}; a square patch conv (D, C, p, p) is expected.")
+        raise ValueError(
+            f"x_embedder.proj.weight has shape {tuple(proj.shape)}; a square patch conv (D, C, p, p) is expected."
+        )
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     if patch not in DIT_PATCH_SIZES:
-        raise ValueError(f"patch size {patch} (x_embedder.proj.weight) matches no DiT preset: DiT uses {DIT_PATCH_SIZES}.")
+        raise ValueError(
+            f"patch size {patch} (x_embedder.proj.weight) matches no DiT preset: DiT uses {DIT_PATCH_SIZES}."
+        )
 
     pos_embed = state_dict["pos_embed"]
     num_patches = pos_embed.shape[-2] if pos_embed.ndim >= 2 else 0
     grid = math.isqrt(num_patches)
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != hidden or grid * grid != num_patches:
         raise ValueError(
-            f"pos_embed has shape {tuple(pos_embed.shape)}; (1, grid*grid, {hidden}) is expected for hidden size {hidden}."
+            f"pos_embed has shape {tuple(pos_embed.shape)}; (1, grid*grid, {hidden}) is expected "
+            f"for hidden size {hidden}."
         )
 
     preset = next(
@@ -335,7 +344,10 @@ def map_dit_state_dict(state_dict: Mapping[str, torch.Tensor], depth: int, add_n
 
 
 _ORIGINAL_NAME = [
-    (r"transformer_blocks\.\d+\.norm1\.emb\.timestep_embedder\.linear_(\d)", lambda m: f"t_embedder.mlp.{2 * int(m.group(1)) - 2}"),
+    (
+        r"transformer_blocks\.\d+\.norm1\.emb\.timestep_embedder\.linear_(\d)",
+        lambda m: f"t_embedder.mlp.{2 * int(m.group(1)) - 2}",
+    ),
     (r"transformer_blocks\.\d+\.norm1\.emb\.class_embedder\.embedding_table", lambda m: "y_embedder.embedding_table"),
     (r"transformer_blocks\.(\d+)\.attn1\.to_[qkv]", lambda m: f"blocks.{m.group(1)}.attn.qkv"),
     (r"transformer_blocks\.(\d+)\.attn1\.to_out\.0", lambda m: f"blocks.{m.group(1)}.attn.proj"),
@@ -645,7 +657,8 @@ def describe_conversion(info: ConversionInfo) -> str:
     cfg = info.config
     image = cfg["sample_size"] * 8
     lines = [
-        f"weights: {info.source}" + (f" (stripped {', '.join(info.stripped_prefixes)})" if info.stripped_prefixes else ""),
+        f"weights: {info.source}"
+        + (f" (stripped {', '.join(info.stripped_prefixes)})" if info.stripped_prefixes else ""),
         f"model: {('DiT-' + info.preset) if info.preset else 'custom DiT'}, depth {cfg['num_layers']}, hidden "
         f"{cfg['num_attention_heads'] * cfg['attention_head_dim']}, {cfg['num_attention_heads']} heads, patch "
         f"{cfg['patch_size']}, {cfg['sample_size']}x{cfg['sample_size']} latents ({image}x{image} images through "
@@ -753,7 +766,10 @@ def format_difference_table(rows: list[dict]) -> str:
     def fmt(v):
         return "n/a" if v is None else f"{v:.3e}"
 
-    lines = ["| t | eps max | eps mean | var max | var mean | mean abs output |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| t | eps max | eps mean | var max | var mean | mean abs output |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         lines.append(
             f"| {r['t']} | {fmt(r['eps_max'])} | {fmt(r['eps_mean'])} | {fmt(r['var_max'])} | "
@@ -873,7 +889,9 @@ def measure_output_differences(
         tt = torch.full((batch_size,), t, dtype=torch.long)
         out6, out5 = model6(x, tt, y).sample, model5(x, tt, y).sample
         ref = original_dit_forward(state_dict, x, tt, y, cfg.num_attention_heads)
-        ref_diffusers_sinusoid = original_dit_forward(state_dict, x, tt, y, cfg.num_attention_heads, sinusoid="diffusers")
+        ref_diffusers_sinusoid = original_dit_forward(
+            state_dict, x, tt, y, cfg.num_attention_heads, sinusoid="diffusers"
+        )
         tables["mapping"].append(row(t, out6, ref_diffusers_sinusoid))
         tables["converted"].append(row(t, out6, ref))
         tables["eps1e-5"].append(row(t, out5, ref))
@@ -886,7 +904,9 @@ def _measure_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="S/2", help="DiT preset whose shapes to use (XL/2, S/2, ...).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch_size", type=int, default=1)
-    parser.add_argument("--sampling_steps", type=int, default=0, help="also run both samplers this many steps (0: skip).")
+    parser.add_argument(
+        "--sampling_steps", type=int, default=0, help="also run both samplers this many steps (0: skip)."
+    )
     parser.add_argument("--sampling_batch_size", type=int, default=2)
     args = parser.parse_args(argv)
     config = dit_config(args.preset)
