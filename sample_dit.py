@@ -231,11 +231,14 @@ def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
                   "scheduler", "guidance_scale", "num_inference_steps", "dtype")
     }
     settings["guidance_channels"] = kwargs.get("guidance_channels", "all")
-    if state.is_main_process:
-        plan.check_settings(settings)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        plan.check_settings(settings)
+    try:
+        if state.is_main_process:
+            plan.check_settings(settings)
+        state.wait_for_everyone()
+        if not state.is_main_process:
+            plan.check_settings(settings)
+    except ValueError as e:
+        fail(str(e))
     todo = plan.todo(state.process_index, state.num_processes)
     stop_after = int(os.environ.get("SPEEDIT_TEST_STOP_AFTER_SHARDS", "0"))  # tests: simulate a kill
     total = sum(len(plan.indices(k)) for k in todo)

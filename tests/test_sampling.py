@@ -14,7 +14,7 @@ from PIL import Image
 
 import sample_dit
 from speedit_scheduler import SpeeDiTPipeline, dit_config
-from speedit_scheduler.pipeline_speedit import dit_respaced_timesteps
+from speedit_scheduler.pipeline_speedit import dit_respaced_timesteps, use_float64_tables
 from speedit_scheduler.sampling import (
     CAPTION_HEIGHT,
     ShardPlan,
@@ -85,10 +85,8 @@ def test_respacing_is_dits():
 
 
 def test_learned_range_variance_equals_dits_respaced_posterior_interpolation():
-    scheduler = DDPMScheduler(variance_type="learned_range", clip_sample=False)
-    pipe = SpeeDiTPipeline(tiny_dit(4, 4, 3), scheduler)
-    pipe.set_progress_bar_config(disable=True)
-    pipe([0], num_inference_steps=250, output_type="latent")  # sets DiT respacing and float64 tables
+    scheduler = use_float64_tables(DDPMScheduler(variance_type="learned_range", clip_sample=False))
+    scheduler.set_timesteps(timesteps=dit_respaced_timesteps(1000, 250))  # as SpeeDiTPipeline does
     steps = sorted(scheduler.timesteps.tolist())
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
     abar = np.cumprod(1.0 - betas)[steps]
@@ -177,6 +175,16 @@ def test_faithful_pipeline_from_a_loaded_stock_dit_pipeline(latent_dir):
                       generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 3, 8, 8) and 0 <= images.min() and images.max() <= 1
 
+    # With stock's choices (its DDIM scheduler, all channels guided) the pipeline is stock DiTPipeline.
+    stock.set_progress_bar_config(disable=True)
+    same = SpeeDiTPipeline(stock.transformer, DDIMScheduler.from_config(stock.scheduler.config), vae=stock.vae)
+    same.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[207, 1], guidance_scale=3.0, num_inference_steps=5, output_type="np")
+    expected = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
+    got = same(generator=torch.Generator().manual_seed(0), **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.abs(got - same(generator=torch.Generator().manual_seed(0), guidance_channels=3, **kwargs).images).max() > 1e-3
+
 
 # ---------------------------------------------------------------------------------------------
 # names, grid and bad input through the real script
@@ -200,20 +208,19 @@ def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
     singles = [np.asarray(Image.open(tmp_path / "singles" / f)) for f in sorted(os.listdir(tmp_path / "singles"))]
     assert singles[0].shape == (8, 8) and not np.array_equal(singles[0], singles[1])
 
-    # latent DiTPipeline folder: the faithful sampler and stock DiTPipeline with DDIM
+    # latent DiTPipeline folder (in-process: the script's main): faithful and stock DiTPipeline with DDIM
     for sampler in ("faithful", "diffusers"):
         grid = tmp_path / f"{sampler}.png"
-        out = run_script(["--model", latent_dir, "--class_labels", "golden retriever", "3", "--output", str(grid),
-                          "--num_inference_steps", "3", "--sampler", sampler, "--guidance_scale", "2"])
-        assert out.returncode == 0, out.stderr[-3000:]
+        sample_dit.main(["--model", latent_dir, "--class_labels", "golden retriever", "3", "--output", str(grid),
+                         "--num_inference_steps", "3", "--sampler", sampler, "--guidance_scale", "2"])
         assert Image.open(grid).size == (2 * 64, 64 + CAPTION_HEIGHT)
 
 
-def test_unknown_name_is_one_line_with_suggestions(pixel_dir, tmp_path):
-    out = run_script(["--model", pixel_dir, "--class_labels", "tiger_kat", "--output", str(tmp_path / "g.png")])
-    assert out.returncode == 1
-    assert out.stderr.strip() == "error: unknown class name 'tiger_kat': did you mean 'tiger cat'?"
-    assert not (tmp_path / "g.png").exists()
+def test_unknown_name_is_one_line_with_suggestions(pixel_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample_dit, "load_sampler", lambda *a: pytest.fail("loaded the model"))
+    with pytest.raises(SystemExit) as error:
+        sample_dit.main(["--model", pixel_dir, "--class_labels", "tiger_kat", "--output", str(tmp_path / "g.png")])
+    assert str(error.value) == "error: unknown class name 'tiger_kat': did you mean 'tiger cat'?"
 
 
 @pytest.mark.parametrize(
@@ -268,8 +275,7 @@ def assert_same_samples(a, b):
 def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_path):
     common = ["--model", pixel_dir, "--num_samples", "10", "--batch_size", "4", "--num_inference_steps", "3",
               "--guidance_scale", "2"]
-    straight = run_script(common + ["--sample_dir", str(tmp_path / "a")])
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    sample_dit.main(common + ["--sample_dir", str(tmp_path / "a")])  # in-process: a plain single-process run
     merged = np.load(tmp_path / "a" / "samples_10.npz")
     assert merged["arr_0"].dtype == np.uint8 and merged["arr_0"].shape == (10, 8, 8, 3)  # NHWC, exactly N
     assert merged["arr_1"].shape == (10,) and set(merged["arr_1"].tolist()) <= set(range(5))
@@ -278,12 +284,13 @@ def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_
     assert killed.returncode == -9
     assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz"]
     assert not (tmp_path / "b" / "samples_10.npz").exists()
-    resumed = run_script(common + ["--sample_dir", str(tmp_path / "b")])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first_shard = os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns
+    sample_dit.main(common + ["--sample_dir", str(tmp_path / "b")])  # resumes: shard 0 is kept
+    assert os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns == first_shard  # skipped, not redone
     assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "b" / "samples_10.npz")
 
-    changed = run_script(common[:-1] + ["3", "--sample_dir", str(tmp_path / "b")])
-    assert changed.returncode == 1 and "other settings (guidance_scale)" in changed.stderr
+    with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale\)"):
+        sample_dit.main(common[:-1] + ["3", "--sample_dir", str(tmp_path / "b")])
 
     with socket.socket() as sock:  # a fresh rendezvous port
         sock.bind(("127.0.0.1", 0))
