@@ -280,36 +280,41 @@ def evaluation_run(tmp_path_factory):
     about half a CPU-second): a reference made by the CLI from a folder, the CLI's evaluation of a
     grayscale sample batch, and the same through FIDMetric in this process."""
     tmp = tmp_path_factory.mktemp("evaluate")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CI shares 2 cores: spinning OpenMP workers would only burn CPU time
+    try:
+        return _evaluation_run(tmp)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluation_run(tmp):
     model = random_inception()
     weights = save_weights(model, str(tmp / "random-inception.pth"))
     rng = np.random.default_rng(0)
-    reference_images = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
-    reference_images[3:] = reference_images[3:, :, :, :1]  # two grayscale images in the folder
+    reference_images = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
+    reference_images[3:] = reference_images[3:, :, :, :1]  # one grayscale images in the folder
     folder = tmp / "images"
     folder.mkdir()
     for i, image in enumerate(reference_images):
         Image.fromarray(image[..., 0] if i >= 3 else image).save(folder / f"{i:02d}.png")
-    sample_images = rng.integers(0, 256, (5, 12, 12), dtype=np.uint8)  # N x H x W grayscale batch
+    sample_images = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)  # N x H x W grayscale batch
     np.savez(tmp / "samples.npz", sample_images)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--inception_weights", weights, "--device", "cpu", "--batch_size", "3"]
-    made = subprocess.run(
-        [sys.executable, SCRIPT, "--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert made.returncode == 0, made.stderr
+    run_main(["--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common])  # in-process: one start less
     with np.load(tmp / "ref_stats.npz") as data:
         written = {k: data[k] for k in data.files}
     np.savez(tmp / "ref.npz", written["arr_0"])  # images only: statistics computed by the evaluator
     evaluated = subprocess.run(
         [sys.executable, SCRIPT, str(tmp / "ref.npz"), str(tmp / "samples.npz"), *common,
-         "--is_split_size", "5", "--output_json", str(tmp / "metrics.json")],
+         "--is_split_size", "4", "--output_json", str(tmp / "metrics.json")],
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     captured = {}
     model.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.setdefault("mixed_6_conv", []).append(out))
-    metric = FIDMetric(str(tmp / "ref.npz"), metrics=InceptionMetrics(model=model, device="cpu", batch_size=5))
+    metric = FIDMetric(str(tmp / "ref.npz"), metrics=InceptionMetrics(model=model, device="cpu", batch_size=4))
     in_process = metric(torch.from_numpy(sample_images)[:, None].float() / 255)  # floats in [0, 1], one channel
     return {
         "reference_images": reference_images,
@@ -338,10 +343,10 @@ def test_make_reference_round_trip(evaluation_run):
 
 def test_features_are_adm_tensors(evaluation_run):
     reference, model = evaluation_run["metric"].reference, evaluation_run["model"]
-    assert reference.pool.shape == (5, 2048) and reference.spatial.shape == (5, 2023) and reference.logits.shape == (5, 1008)
+    assert reference.pool.shape == (4, 2048) and reference.spatial.shape == (4, 2023) and reference.logits.shape == (4, 1008)
     # spatial: channels 0..6 of Mixed_6d.branch1x1 (TF mixed_6/conv), flattened as NHWC
     conv = evaluation_run["mixed_6_conv"]
-    np.testing.assert_array_equal(reference.spatial, conv[:, :7].permute(0, 2, 3, 1).reshape(5, -1).numpy())
+    np.testing.assert_array_equal(reference.spatial, conv[:, :7].permute(0, 2, 3, 1).reshape(4, -1).numpy())
     # logits: pool @ W, without the classifier bias
     np.testing.assert_allclose(reference.logits, reference.pool @ model.fc.weight.numpy().T, rtol=1e-5, atol=1e-5)
     assert reference.pool.std(axis=0).mean() > 1e-4  # the random network does see its inputs
@@ -351,7 +356,7 @@ def test_cli_matches_fid_metric_and_prints_like_adm(evaluation_run):
     stdout, record, in_process = evaluation_run["stdout"], evaluation_run["json"], evaluation_run["in_process"]
     for label in ("Inception Score:", "FID:", "sFID:", "Precision:", "Recall:"):
         assert any(line.startswith(label) for line in stdout.splitlines()), stdout
-    assert record["num_reference"] == 5 and record["num_samples"] == 5 and record["reference_statistics"] == "computed"
+    assert record["num_reference"] == 4 and record["num_samples"] == 4 and record["reference_statistics"] == "computed"
     for key in ("is", "fid", "sfid", "precision", "recall"):
         assert record[key] == pytest.approx(in_process[key], rel=1e-4, abs=1e-9), key
     assert in_process["fid"] > 0 and in_process["sfid"] > 0 and in_process["is"] >= 1
@@ -359,7 +364,7 @@ def test_cli_matches_fid_metric_and_prints_like_adm(evaluation_run):
 
 def test_identical_sets_score_zero_distance(evaluation_run):
     reference = evaluation_run["metric"].reference
-    same = compute_metrics(reference, reference, is_split_size=5)
+    same = compute_metrics(reference, reference, is_split_size=4)
     assert abs(same["fid"]) < 1e-9 and abs(same["sfid"]) < 1e-9
     assert same["precision"] == 1.0 and same["recall"] == 1.0
 
