@@ -49,15 +49,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output_json", default=None, help="Also write the metrics to this JSON file.")
     p.add_argument("--is_split_size", type=int, default=ADM_IS_SPLIT_SIZE, help="Inception Score split (ADM: 5000).")
     p.add_argument("--nearest_k", type=int, default=ADM_NEAREST_K, help="k of the precision/recall manifolds (ADM: 3).")
-    p.add_argument("--make_reference", default=None, metavar="IMAGES_DIR_OR_NPZ", help="Write a reference batch from these images.")
+    p.add_argument(
+        "--make_reference", default=None, metavar="IMAGES_DIR_OR_NPZ", help="Write a reference batch from these images."
+    )
     p.add_argument("--output", default=None, help="With --make_reference: the reference .npz to write.")
-    p.add_argument("--image_size", type=int, default=None, help="With --make_reference on a folder: ADM centre crop to N x N.")
-    p.add_argument("--no_statistics", action="store_true", help="With --make_reference: write arr_0 only (no weights needed).")
+    p.add_argument(
+        "--image_size", type=int, default=None, help="With --make_reference on a folder: ADM centre crop to N x N."
+    )
+    p.add_argument(
+        "--no_statistics", action="store_true", help="With --make_reference: write arr_0 only (no weights needed)."
+    )
     args = p.parse_args(argv)
 
     if args.make_reference is not None:
         if args.ref_batch or args.sample_batch:
-            p.error("--make_reference writes a reference batch; drop the REF.npz / SAMPLE.npz arguments (evaluate in a second call).")
+            p.error(
+                "--make_reference writes a reference batch; drop the REF.npz / SAMPLE.npz arguments "
+                "(evaluate in a second call)."
+            )
         if args.output is None:
             p.error("--make_reference needs --output REF.npz.")
     else:
@@ -78,11 +87,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_reference(args: argparse.Namespace) -> None:
     if not args.output.endswith(".npz"):
         raise ValueError(f"--output {args.output} must end in .npz.")
-    weights = None if args.no_statistics else resolve_inception_weights(args.inception_weights)  # fail before reading images
+    weights = (
+        None if args.no_statistics else resolve_inception_weights(args.inception_weights)
+    )  # fail before reading images
     images = load_images(args.make_reference, args.image_size)
     metrics = None if args.no_statistics else InceptionMetrics(weights, args.device, args.batch_size)
     written = write_reference_batch(images, args.output, metrics)
-    print(f"wrote {args.output}: arr_0 {written['arr_0'].shape} uint8" + ("" if args.no_statistics else " with mu, sigma, mu_s, sigma_s"))
+    print(
+        f"wrote {args.output}: arr_0 {written['arr_0'].shape} uint8"
+        + ("" if args.no_statistics else " with mu, sigma, mu_s, sigma_s")
+    )
 
 
 def evaluate(args: argparse.Namespace) -> None:

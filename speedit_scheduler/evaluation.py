@@ -93,14 +93,18 @@ def _check_image_shape(shape: tuple[int, ...], name: str, channels_last_default:
         return True  # N x H x W grayscale
     if len(shape) != 4:
         raise ValueError(
-            f"{name} has shape {shape}; expected N x H x W x 3 images (ADM's layout), N x 3 x H x W, or N x H x W grayscale."
+            f"{name} has shape {shape}; expected N x H x W x 3 images (ADM's layout), N x 3 x H x W, "
+            "or N x H x W grayscale."
         )
     channels_last = _channel_layout(shape, channels_last_default)
     channels = shape[-1] if channels_last else shape[1]
     if channels == 4:
         raise ValueError(f"{name} has 4 channels (shape {shape}); drop the alpha channel (x[..., :3]) and save RGB.")
     if channels not in (1, 3):
-        raise ValueError(f"{name} has shape {shape}: neither dim 1 nor the last dim is 1 or 3 channels; save N x H x W x 3 uint8 images.")
+        raise ValueError(
+            f"{name} has shape {shape}: neither dim 1 nor the last dim is 1 or 3 channels; "
+            "save N x H x W x 3 uint8 images."
+        )
     return channels_last
 
 
@@ -119,10 +123,15 @@ def as_uint8_nchw(images: np.ndarray | torch.Tensor, name: str = "images", allow
         x = x.permute(0, 3, 1, 2)
     if x.dtype != torch.uint8:
         if not (allow_float and x.is_floating_point()):
-            raise ValueError(f"{name} have dtype {x.dtype}; ADM image batches are uint8 in [0, 255] (convert with np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8)).")
+            raise ValueError(
+                f"{name} have dtype {x.dtype}; ADM image batches are uint8 in [0, 255] "
+                "(convert with np.clip(x * 255 + 0.5, 0, 255).astype(np.uint8))."
+            )
         lo, hi = x.min().item(), x.max().item()
         if lo < -1e-3 or hi > 1 + 1e-3:
-            raise ValueError(f"{name} are floats in [{lo:.3g}, {hi:.3g}], expected [0, 1]; pass (x + 1) / 2 for images in [-1, 1].")
+            raise ValueError(
+                f"{name} are floats in [{lo:.3g}, {hi:.3g}], expected [0, 1]; pass (x + 1) / 2 for images in [-1, 1]."
+            )
         x = (x * 255 + 0.5).clamp(0, 255).to(torch.uint8)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
@@ -136,19 +145,24 @@ class ImageNpz:
 
     def __init__(self, path: str, key: str = "arr_0"):
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} does not exist; pass an .npz image batch (np.savez(path, images_uint8_nhwc)).")
+            raise FileNotFoundError(
+                f"{path} does not exist; pass an .npz image batch (np.savez(path, images_uint8_nhwc))."
+            )
         self.path, self.key = path, key
         try:
             with zipfile.ZipFile(path) as archive:
                 self.keys = [n[: -len(".npy")] for n in archive.namelist() if n.endswith(".npy")]
                 if key not in self.keys:
                     raise ValueError(
-                        f"{path} has no array '{key}' (it has {self.keys}); ADM batches keep the images in arr_0: np.savez(path, images)."
+                        f"{path} has no array '{key}' (it has {self.keys}); "
+                        "ADM batches keep the images in arr_0: np.savez(path, images)."
                     )
                 with archive.open(key + ".npy") as f:
                     self.shape, self._fortran, self.dtype = self._read_header(f)
         except zipfile.BadZipFile as error:
-            raise ValueError(f"{path} is not an .npz archive; write image batches with np.savez(path, images).") from error
+            raise ValueError(
+                f"{path} is not an .npz archive; write image batches with np.savez(path, images)."
+            ) from error
         if self.dtype != np.uint8:
             raise ValueError(
                 f"{path}: {key} has dtype {self.dtype}; ADM image batches are uint8 in [0, 255] "
@@ -184,7 +198,9 @@ class ImageNpz:
                 count = min(batch_size, self.shape[0] - start)
                 data = f.read(count * per_image)
                 if len(data) != count * per_image:
-                    raise ValueError(f"{self.path}: {self.key} is truncated (ends before image {start + len(data) // per_image}).")
+                    raise ValueError(
+                        f"{self.path}: {self.key} is truncated (ends before image {start + len(data) // per_image})."
+                    )
                 yield np.frombuffer(bytearray(data), dtype=np.uint8).reshape(count, *self.shape[1:])
 
     def read_all(self) -> np.ndarray:
@@ -198,14 +214,17 @@ class ImageNpz:
             return None
         missing = [k for k in ("mu", "sigma", "mu_s", "sigma_s") if k not in self.keys]
         if missing:
-            raise ValueError(f"{self.path} has 'mu' but lacks {missing}; rewrite it with scripts/evaluate.py --make_reference.")
+            raise ValueError(
+                f"{self.path} has 'mu' but lacks {missing}; rewrite it with scripts/evaluate.py --make_reference."
+            )
         with np.load(self.path) as data:
             stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
         for k, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
             sigma = stats["sigma" + k[2:]]
             if stats[k].shape != (dim,) or sigma.shape != (dim, dim):
                 raise ValueError(
-                    f"{self.path}: {k} / sigma{k[2:]} have shapes {stats[k].shape} / {sigma.shape}, expected ({dim},) / ({dim}, {dim}) "
+                    f"{self.path}: {k} / sigma{k[2:]} have shapes {stats[k].shape} / {sigma.shape}, "
+                    f"expected ({dim},) / ({dim}, {dim}) "
                     "of the FID Inception; rewrite it with scripts/evaluate.py --make_reference."
                 )
         return stats
@@ -250,7 +269,9 @@ class InceptionMetrics:
         self.model = (model if model is not None else load_inception(weights)).to(self.device).eval()
 
     @torch.no_grad()
-    def features_from_batches(self, batches: Iterable[np.ndarray | torch.Tensor], allow_float: bool = False, total: int | None = None) -> InceptionFeatures:
+    def features_from_batches(
+        self, batches: Iterable[np.ndarray | torch.Tensor], allow_float: bool = False, total: int | None = None
+    ) -> InceptionFeatures:
         outputs: list[tuple[torch.Tensor, ...]] = []
         with tqdm(total=total, desc="inception features", unit="img") as progress:
             for batch in batches:
@@ -262,7 +283,9 @@ class InceptionMetrics:
         pool, spatial, logits = (torch.cat(parts).numpy() for parts in zip(*outputs))
         return InceptionFeatures(pool=pool, spatial=spatial, logits=logits)
 
-    def features(self, images: np.ndarray | torch.Tensor | ImageNpz | str, allow_float: bool = False) -> InceptionFeatures:
+    def features(
+        self, images: np.ndarray | torch.Tensor | ImageNpz | str, allow_float: bool = False
+    ) -> InceptionFeatures:
         """Features of an image batch (array / tensor, see `as_uint8_nchw`) or an .npz path."""
         if isinstance(images, str):
             images = ImageNpz(images)
@@ -302,7 +325,8 @@ def inception_score(logits: np.ndarray | torch.Tensor, split_size: int = ADM_IS_
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
     if len(logits) < split_size:
         raise ValueError(
-            f"{len(logits)} samples are fewer than the Inception Score split of {split_size}; use split_size <= {len(logits)} "
+            f"{len(logits)} samples are fewer than the Inception Score split of {split_size}; "
+            f"use split_size <= {len(logits)} "
             f"(--is_split_size), or more samples (ADM: 50000 in splits of {ADM_IS_SPLIT_SIZE})."
         )
     scores = []
@@ -334,7 +358,9 @@ def manifold_radii(
     top-(k+1), so memory is batch_size^2 whatever N."""
     x = torch.as_tensor(np.asarray(features), dtype=torch.float32, device=device)
     if len(x) < k + 1:
-        raise ValueError(f"precision/recall with k={k} need at least k+1 = {k + 1} feature vectors per set, got {len(x)}.")
+        raise ValueError(
+            f"precision/recall with k={k} need at least k+1 = {k + 1} feature vectors per set, got {len(x)}."
+        )
     radii = torch.empty(len(x), device=device)
     for r in range(0, len(x), batch_size):
         rows = x[r : r + batch_size]
@@ -358,7 +384,10 @@ def precision_recall(
     ref = torch.as_tensor(np.asarray(reference), dtype=torch.float32, device=device)
     gen = torch.as_tensor(np.asarray(samples), dtype=torch.float32, device=device)
     if ref.dim() != 2 or gen.dim() != 2 or ref.shape[1] != gen.shape[1]:
-        raise ValueError(f"precision/recall need two N x D feature sets of the same D, got {tuple(ref.shape)} and {tuple(gen.shape)}.")
+        raise ValueError(
+            "precision/recall need two N x D feature sets of the same D, "
+            f"got {tuple(ref.shape)} and {tuple(gen.shape)}."
+        )
     ref_radii = manifold_radii(ref, k, batch_size, device, half)
     gen_radii = manifold_radii(gen, k, batch_size, device, half)
     ref_covered = torch.zeros(len(ref), dtype=torch.bool, device=device)
@@ -400,7 +429,9 @@ def compute_metrics(
     check_sample_counts(len(samples), len(reference), is_split_size, nearest_k)
     if reference_statistics is not None:
         sample_stats = samples.statistics()
-        fid = frechet_distance(sample_stats["mu"], sample_stats["sigma"], reference_statistics["mu"], reference_statistics["sigma"])
+        fid = frechet_distance(
+            sample_stats["mu"], sample_stats["sigma"], reference_statistics["mu"], reference_statistics["sigma"]
+        )
         sfid = frechet_distance(
             sample_stats["mu_s"], sample_stats["sigma_s"], reference_statistics["mu_s"], reference_statistics["sigma_s"]
         )
@@ -434,7 +465,9 @@ def evaluate_npz(
     log("computing sample batch activations...")
     sample_features = metrics.features(samples)
     log("computing evaluations...")
-    return compute_metrics(reference_features, sample_features, reference_statistics, is_split_size, nearest_k, metrics.device)
+    return compute_metrics(
+        reference_features, sample_features, reference_statistics, is_split_size, nearest_k, metrics.device
+    )
 
 
 def _adm_center_crop(image, size: int):
@@ -461,7 +494,9 @@ def load_images(source: str, image_size: int | None = None) -> np.ndarray:
         raise ValueError(f"image_size={image_size} must be >= 1.")
     if os.path.isfile(source) and source.endswith(".npz"):
         if image_size is not None:
-            raise ValueError(f"--image_size applies to image folders; {source} is an .npz, whose images are kept as they are.")
+            raise ValueError(
+                f"--image_size applies to image folders; {source} is an .npz, whose images are kept as they are."
+            )
         return ImageNpz(source).read_all()
     if not os.path.isdir(source):
         raise FileNotFoundError(f"{source} is neither an image folder nor an .npz file; pass one of them.")
@@ -480,14 +515,17 @@ def load_images(source: str, image_size: int | None = None) -> np.ndarray:
             array = _adm_center_crop(image, image_size) if image_size else np.asarray(image)
         if images and array.shape != images[0].shape:
             raise ValueError(
-                f"{path} is {array.shape[1]}x{array.shape[0]} but {paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}; "
+                f"{path} is {array.shape[1]}x{array.shape[0]} but "
+                f"{paths[0]} is {images[0].shape[1]}x{images[0].shape[0]}; "
                 "pass --image_size N to centre-crop all images to N x N as ADM does."
             )
         images.append(array)
     return np.stack(images)
 
 
-def write_reference_batch(images: np.ndarray, output: str, metrics: InceptionMetrics | None = None) -> dict[str, np.ndarray]:
+def write_reference_batch(
+    images: np.ndarray, output: str, metrics: InceptionMetrics | None = None
+) -> dict[str, np.ndarray]:
     """Writes an ADM reference batch: `arr_0` (uint8 N x H x W x 3) and, with `metrics`, the FID
     statistics `mu`, `sigma`, `mu_s`, `sigma_s` of its Inception features. Returns what it wrote."""
     if not output.endswith(".npz"):
@@ -534,4 +572,6 @@ class FIDMetric:
         split = self.is_split_size or min(ADM_IS_SPLIT_SIZE, len(images))
         check_sample_counts(len(images), len(self.reference), split, self.nearest_k)
         samples = self.metrics.features(images, allow_float=True)
-        return compute_metrics(self.reference, samples, self.reference_statistics, split, self.nearest_k, self.metrics.device)
+        return compute_metrics(
+            self.reference, samples, self.reference_statistics, split, self.nearest_k, self.metrics.device
+        )

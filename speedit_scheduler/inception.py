@@ -267,7 +267,9 @@ class InceptionV3FID(nn.Module):
 
 
 def _offline() -> bool:
-    return any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "SPEEDIT_OFFLINE"))
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in ("HF_HUB_OFFLINE", "SPEEDIT_OFFLINE")
+    )
 
 
 def _missing_weights_message(reason: str) -> str:
@@ -293,7 +295,9 @@ def resolve_inception_weights(path: str | None = None) -> str:
     if _offline():
         raise InceptionWeightsNotFoundError(_missing_weights_message("offline (HF_HUB_OFFLINE) and not cached"))
     try:
-        torch.hub.load_state_dict_from_url(WEIGHTS_URL, file_name=WEIGHTS_FILE_NAME, check_hash=True, map_location="cpu")
+        torch.hub.load_state_dict_from_url(
+            WEIGHTS_URL, file_name=WEIGHTS_FILE_NAME, check_hash=True, map_location="cpu"
+        )
     except Exception as error:  # no network, proxy, hash mismatch: all end in the same advice
         raise InceptionWeightsNotFoundError(_missing_weights_message(f"download failed ({error})")) from error
     return cached

@@ -117,14 +117,16 @@ def test_precision_recall_on_constructed_sets():
     np.testing.assert_array_equal(manifold_radii(reference, k=3).numpy(), np.full(16, 2.0))
     # samples: one corner-touching square (only (-1, -1) lies in a ball, at exactly the radius:
     # ADM counts <=), a copy of the square at x=100 and a far square
-    samples = np.array(
-        [(-1, -1), (-2, -1), (-1, -2), (-2, -2)] + _squares(100, 0) + _squares(50, 50), dtype=np.float32
-    )
+    samples = np.array([(-1, -1), (-2, -1), (-1, -2), (-2, -2)] + _squares(100, 0) + _squares(50, 50), dtype=np.float32)
     precision, recall = precision_recall(reference, samples, k=3, batch_size=5)
     assert precision == pytest.approx(5 / 12)  # (-1,-1) and the copied square
     assert recall == pytest.approx(5 / 16)  # (0,0) and the square at x=100
     with pytest.raises(ValueError, match="at least k\\+1 = 4"):
         precision_recall(reference, samples[:3])
+    # ADM's float16 distances: exact here; and 1000x larger coordinates overflow float16
+    # (squared distances > 65504), so ADM's fallback to float32 must give the same answer
+    assert precision_recall(reference, samples, half=True) == (precision, recall)
+    assert precision_recall(1000 * reference, 1000 * samples, half=True) == (precision, recall)
 
 
 def test_precision_recall_blocks_match_brute_force():
@@ -238,11 +240,23 @@ def run_main(argv):
     "make, extra, message",
     [
         (None, [], "does not exist"),
-        (lambda p: np.savez(p, images=np.zeros((6, 4, 4, 3), np.uint8)), [], "has no array 'arr_0' \\(it has \\['images'\\]\\)"),
+        (
+            lambda p: np.savez(p, images=np.zeros((6, 4, 4, 3), np.uint8)),
+            [],
+            "has no array 'arr_0' \\(it has \\['images'\\]\\)",
+        ),
         (lambda p: np.savez(p, np.zeros((6, 4, 4, 3), np.float32)), [], "dtype float32; ADM image batches are uint8"),
         (lambda p: np.savez(p, np.zeros((6, 4, 4, 4), np.uint8)), [], "drop the alpha channel"),
-        (lambda p: np.savez(p, np.zeros((6, 4, 4, 3), np.uint8)), [], "fewer than the Inception Score split of 5000; pass --is_split_size 6"),
-        (lambda p: np.savez(p, np.zeros((6, 4, 4, 3), np.uint8)), ["--is_split_size", "3", "--nearest_k", "6"], "need at least 7"),
+        (
+            lambda p: np.savez(p, np.zeros((6, 4, 4, 3), np.uint8)),
+            [],
+            "fewer than the Inception Score split of 5000; pass --is_split_size 6",
+        ),
+        (
+            lambda p: np.savez(p, np.zeros((6, 4, 4, 3), np.uint8)),
+            ["--is_split_size", "3", "--nearest_k", "6"],
+            "need at least 7",
+        ),
         (lambda p: open(p, "w").write("text"), [], "is not an .npz archive"),
     ],
 )
@@ -265,7 +279,10 @@ def test_cli_rejects_bad_sample_batches(tmp_path, monkeypatch, make, extra, mess
         (["--make_reference", "dir"], "needs --output"),
         (["a.npz", "b.npz", "--output", "x.npz"], "--output only applies"),
         (["--make_reference", "dir", "--output", "ref.npy", "--no_statistics"], "must end in .npz"),
-        (["--make_reference", "no_such_dir", "--output", "ref.npz", "--no_statistics"], "neither an image folder nor an .npz"),
+        (
+            ["--make_reference", "no_such_dir", "--output", "ref.npz", "--no_statistics"],
+            "neither an image folder nor an .npz",
+        ),
     ],
 )
 def test_cli_rejects_bad_arguments(argv, message, capsys):
@@ -302,7 +319,9 @@ def _evaluation_run(tmp):
     np.savez(tmp / "samples.npz", sample_images)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--inception_weights", weights, "--device", "cpu", "--batch_size", "3"]
-    run_main(["--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common])  # in-process: one start less
+    run_main(
+        ["--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common]
+    )  # in-process: one start less
     with np.load(tmp / "ref_stats.npz") as data:
         written = {k: data[k] for k in data.files}
     np.savez(tmp / "ref.npz", written["arr_0"])  # images only: statistics computed by the evaluator
@@ -313,7 +332,9 @@ def _evaluation_run(tmp):
     )  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr
     captured = {}
-    model.Mixed_6d.branch1x1.register_forward_hook(lambda module, args, out: captured.setdefault("mixed_6_conv", []).append(out))
+    model.Mixed_6d.branch1x1.register_forward_hook(
+        lambda module, args, out: captured.setdefault("mixed_6_conv", []).append(out)
+    )
     metric = FIDMetric(str(tmp / "ref.npz"), metrics=InceptionMetrics(model=model, device="cpu", batch_size=4))
     in_process = metric(torch.from_numpy(sample_images)[:, None].float() / 255)  # floats in [0, 1], one channel
     return {
@@ -343,7 +364,11 @@ def test_make_reference_round_trip(evaluation_run):
 
 def test_features_are_adm_tensors(evaluation_run):
     reference, model = evaluation_run["metric"].reference, evaluation_run["model"]
-    assert reference.pool.shape == (4, 2048) and reference.spatial.shape == (4, 2023) and reference.logits.shape == (4, 1008)
+    assert (
+        reference.pool.shape == (4, 2048)
+        and reference.spatial.shape == (4, 2023)
+        and reference.logits.shape == (4, 1008)
+    )
     # spatial: channels 0..6 of Mixed_6d.branch1x1 (TF mixed_6/conv), flattened as NHWC
     conv = evaluation_run["mixed_6_conv"]
     np.testing.assert_array_equal(reference.spatial, conv[:, :7].permute(0, 2, 3, 1).reshape(4, -1).numpy())
@@ -373,7 +398,9 @@ def test_precomputed_reference_statistics_are_used():
     # ADM takes a reference's stored mu / sigma as they are: shift the stored mean by d and the FID
     # of a set against itself becomes ||d||^2 (small widths keep the sqrtm cheap)
     rng = np.random.default_rng(0)
-    features = InceptionFeatures(pool=rng.standard_normal((30, 8)), spatial=rng.standard_normal((30, 6)), logits=rng.standard_normal((30, 10)))
+    features = InceptionFeatures(
+        pool=rng.standard_normal((30, 8)), spatial=rng.standard_normal((30, 6)), logits=rng.standard_normal((30, 10))
+    )
     stored = features.statistics()
     d, d_s = rng.standard_normal(8), rng.standard_normal(6)
     stored["mu"], stored["mu_s"] = stored["mu"] + d, stored["mu_s"] + d_s
