@@ -141,7 +141,21 @@ def test_compare_with_original_rows():
 
 
 def test_shapes_infer_preset_and_variants():
-    sd = random_original_state_dict(depth=12, hidden=384, patch=4, input_size=16, num_classes=1000, learn_sigma=False)
+    # Shapes are all the inference reads: a DiT-S/4 layout (fixed sigma) on the meta device costs nothing.
+    d, p = 384, 4
+    shapes = {
+        "x_embedder.proj.weight": (d, 4, p, p), "x_embedder.proj.bias": (d,), "pos_embed": (1, 16, d),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,), "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,), "y_embedder.embedding_table.weight": (1001, d),
+        "final_layer.linear.weight": (p * p * 4, d), "final_layer.linear.bias": (p * p * 4,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
+    for i in range(12):
+        for name, out_features in [("attn.qkv", 3 * d), ("attn.proj", d), ("mlp.fc1", 4 * d),
+                                   ("adaLN_modulation.1", 6 * d)]:
+            shapes[f"blocks.{i}.{name}.weight"], shapes[f"blocks.{i}.{name}.bias"] = (out_features, d), (out_features,)
+        shapes[f"blocks.{i}.mlp.fc2.weight"], shapes[f"blocks.{i}.mlp.fc2.bias"] = (d, 4 * d), (d,)
+    sd = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
     config, preset, added = infer_dit_config(sd)
     assert preset == "S/4" and config["num_attention_heads"] == 6 and config["attention_head_dim"] == 64
     assert config["out_channels"] == 4 and config["sample_size"] == 16 and config["num_embeds_ada_norm"] == 1000
