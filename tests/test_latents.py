@@ -317,3 +317,15 @@ def test_benchmark_data_reports_every_mode(extracted, vae_dir, tmp_path):
                          "--num_batches", "1", "--repeats", "1", "--json", str(report)])
     (row,) = json.loads(report.read_text())["results"]
     assert row["mode"] == "extraction" and row["images_per_s"] > 0
+
+
+def test_imagenet_synset_folders_get_class_names(tmp_path):
+    from speedit_scheduler.extraction import folder_source
+
+    for synset in ("n02099601", "n01440764"):
+        os.makedirs(tmp_path / synset)
+        Image.new("RGB", (8, 8)).save(tmp_path / synset / "a.JPEG")
+    source = folder_source(str(tmp_path))
+    assert source.class_ids == ["n01440764", "n02099601"]  # sorted, as ImageFolder numbers them
+    assert source.class_names == ["tench, Tinca tinca", "golden retriever"]
+    assert source.labels.tolist() == [0, 1]
