@@ -71,7 +71,6 @@ class ReferenceClassifier:
 # evaluations/evaluator.py, restated in PyTorch on the FID Inception of `inception.py`).
 # ---------------------------------------------------------------------------------------------
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 ADM_IS_SPLIT_SIZE = 5000  # ADM scores 50k samples in 10 splits of 5000
 ADM_NEAREST_K = 3  # Kynkaanniemi et al. / ADM neighbourhood size
 METRIC_NAMES = ("is", "fid", "sfid", "precision", "recall")
@@ -470,25 +469,13 @@ def evaluate_npz(
     )
 
 
-def _adm_center_crop(image, size: int):
-    """ADM's reference crop: halve with a box filter while the short side is >= 2 * size, resize
-    the short side to `size` (bicubic), take the centre square."""
-    from PIL import Image
-
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    array = np.asarray(image)
-    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-    return array[top : top + size, left : left + size]
-
-
 def load_images(source: str, image_size: int | None = None) -> np.ndarray:
     """uint8 N x H x W x 3 images from a folder (searched recursively, sorted by path; grayscale and
     palette images become RGB) or an .npz (`arr_0`). `image_size` applies ADM's centre crop to
     folder images; without it all images must share one size."""
     from PIL import Image
+
+    from .extraction import IMAGE_EXTENSIONS, center_crop_arr
 
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size={image_size} must be >= 1.")
@@ -512,7 +499,7 @@ def load_images(source: str, image_size: int | None = None) -> np.ndarray:
     for path in paths:
         with Image.open(path) as image:
             image = image.convert("RGB")
-            array = _adm_center_crop(image, image_size) if image_size else np.asarray(image)
+            array = center_crop_arr(image, image_size) if image_size else np.asarray(image)
         if images and array.shape != images[0].shape:
             raise ValueError(
                 f"{path} is {array.shape[1]}x{array.shape[0]} but "
