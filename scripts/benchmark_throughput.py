@@ -83,6 +83,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls for fp32 on CUDA (train_dit.py's flag).")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda.")
+    p.add_argument("--clock", default="wall", help="wall, or process: CPU seconds (CPU runs on a shared machine).")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs).")
     p.add_argument("--matmul_size", type=int, default=None, help="Side of the ceiling matmul (8192 CUDA, 1024 CPU).")
     p.add_argument("--overhead", action="store_true", help="Also time the bare step and report the trainer's overhead.")
@@ -136,6 +137,7 @@ def base_config(args: argparse.Namespace, precision: str, compile: bool):
         seed=args.seed,
         allow_tf32=args.allow_tf32,
         device=args.device,
+        clock=args.clock,
     )
 
 
@@ -194,6 +196,7 @@ COLUMNS = (
     ("attention", "attention", "{}"),
     ("compile", "compile", "{}"),
     ("ckpt", "gradient_checkpointing", "{}"),
+    ("EMA", "ema", "{}"),
     ("images/s", "images_per_s", "{:.1f}"),
     ("ms/step", "step_ms", "{:.1f}"),
     ("GFLOP/image", "train_gflop_per_image", "{:.1f}"),
@@ -351,6 +354,7 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> dict:
                         "attention": attention,
                         "compile": compile,
                         "gradient_checkpointing": ckpt,
+                        "ema": args.ema,
                         "status": failure or "not run",
                     }
                 )

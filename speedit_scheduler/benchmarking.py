@@ -67,6 +67,9 @@ class BenchmarkConfig:
     max_grad_norm: float = 0.0
     allow_tf32: bool = False
     device: str = "auto"
+    # "process": CPU seconds of this process instead of wall time (CPU only). With --threads 1 it
+    # ignores time lost to other programs on a shared machine; with more threads it counts spinning.
+    clock: str = "wall"
 
     @property
     def latent_size(self) -> int:
@@ -116,6 +119,10 @@ def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
         raise ValueError(f"--attention {config.attention!r} is unknown: choose one of {', '.join(ATTENTION_BACKENDS)}.")
     if config.ema not in EMA_MODES:
         raise ValueError(f"--ema {config.ema!r} is unknown: choose one of {', '.join(EMA_MODES)}.")
+    if config.clock not in ("wall", "process"):
+        raise ValueError(f"--clock {config.clock!r} is unknown: use wall or process.")
+    if config.clock == "process" and device.type != "cpu":
+        raise ValueError("--clock process measures CPU time: use it with --device cpu, or --clock wall on a GPU.")
     if config.speedit not in PRESETS:
         raise ValueError(f"--speedit {config.speedit!r} is unknown: choose one of {', '.join(PRESETS)}.")
     if config.attention == "xformers" and config.compile:
@@ -223,8 +230,13 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn, n: int, device: torch.device) -> float:
+def time_calls(fn, n: int, device: torch.device, clock: str = "wall") -> float:
     """Seconds for `n` calls of `fn`, from a synchronised start to the last kernel's end."""
+    if clock == "process":
+        begin = time.process_time()
+        for _ in range(n):
+            fn()
+        return time.process_time() - begin
     synchronize(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -507,7 +519,7 @@ def measure(
         order = ("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")
         for kind in order if overhead else ("trainer",):
             fn = bench.trainer_step if kind == "trainer" else bench.bare_step
-            (trainer_s if kind == "trainer" else bare_s).append(time_calls(fn, cfg.steps, bench.device) / cfg.steps)
+            (trainer_s if kind == "trainer" else bare_s).append(time_calls(fn, cfg.steps, bench.device, cfg.clock) / cfg.steps)
     memory_gib, memory_kind = peak_memory(bench.device)
     if not torch.isfinite(bench.state.loss_sum):
         raise FloatingPointError("the loss became NaN or inf during the benchmark: the timings are meaningless.")
@@ -531,6 +543,7 @@ def measure(
         "parameters": bench.num_parameters,
         "steps": cfg.steps,
         "warmup": cfg.warmup,
+        "clock": cfg.clock,
         "repeats": cfg.repeats,
         "status": "ok",
         "images_per_s": median_ips,
@@ -614,6 +627,7 @@ def run_benchmark(
                     "attention": attention,
                     "compile": compile,
                     "gradient_checkpointing": ckpt,
+                    "ema": config.ema,
                 }
                 if oom:
                     row = {**base_row, "status": "skipped (smaller batch ran out of memory)"}

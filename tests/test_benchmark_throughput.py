@@ -81,6 +81,7 @@ def test_single_run_with_overhead_reports_every_field(tmp_path):
     assert row["status"] == "ok" and row["batch_size"] == 4 and row["precision"] == "fp32"
     assert row["attention"] == "sdpa" and row["compile"] is False and row["gradient_checkpointing"] is False
     assert row["fused_adamw"] is False and row["ema"] == "foreach" and row["parameters"] > 0
+    assert row["clock"] == "wall" and row["steps"] == 2 and row["repeats"] == 3
     assert 0 < row["images_per_s_min"] <= row["images_per_s"] <= row["images_per_s_max"]
     assert row["step_ms"] == pytest.approx(1000 * 4 / row["images_per_s"], rel=1e-6)
     assert row["forward_gflop_per_image"] * 1e9 == pytest.approx(tiny_forward_flops(), rel=0.02)
@@ -128,6 +129,7 @@ def test_sweep_gives_one_row_per_configuration(tmp_path):
         (["--compile", "maybe"], "'maybe' is not on or off"),
         (["--sweep", "--overhead"], "--overhead measures one configuration"),
         (["--threads", "0"], "--threads 0 must be at least 1"),
+        (["--clock", "gpu"], "--clock 'gpu' is unknown"),
     ],
 )
 def test_bad_flags_give_one_line_errors(script_module, argv, message):
