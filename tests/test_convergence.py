@@ -53,3 +53,46 @@ def test_shortened_comparison_end_to_end(tmp_path):
     rebuilt = runs_from_progress(str(out / "progress.jsonl"))
     assert sorted((r["preset"], len(r["history"])) for r in rebuilt) == [("speed", 2), ("uniform", 2)]
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
+    """The ImageNet route on a tiny scale: a latents folder, its VAE decoding the samples, and
+    FID & co. from a (randomly initialised) Inception network against a reference batch."""
+    import torch
+    from diffusers import AutoencoderKL
+    from test_evaluate import random_inception, save_weights
+    from test_latents import synthetic_latents
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+        norm_num_groups=4, layers_per_block=1, sample_size=16,
+    ).save_pretrained(tmp_path / "vae")
+    synthetic_latents(tmp_path / "latents", n=40)
+    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
+    manifest["vae"]["name_or_path"] = str(tmp_path / "vae")
+    (tmp_path / "latents" / "manifest.json").write_text(json.dumps(manifest))
+    weights = save_weights(random_inception(), str(tmp_path / "inception.pth"))
+    reference = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=reference)
+
+    out = tmp_path / "conv"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "compare_convergence.py"), "--presets", "uniform", "speed",
+           "--seeds", "0", "--max_steps", "2", "--eval_every", "2", "--eval_samples_per_class", "1",
+           "--eval_inference_steps", "2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
+           "--batch_size", "4", "--train_data", str(tmp_path / "latents"), "--metric", "fid",
+           "--reference_batch", str(tmp_path / "ref.npz"), "--inception_weights", weights, "--output_dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    data = json.loads((out / "results.json").read_text())
+    for run in data["runs"]:
+        (h,) = run["history"]
+        assert h["step"] == 2 and h["fid"] > 0 and h["sfid"] > 0 and h["is"] >= 1
+        assert 0 <= h["precision"] <= 1 and 0 <= h["recall"] <= 1
+    assert "fid (mean ± std)" in (out / "table.md").read_text()
+
+    bad = subprocess.run(cmd[:cmd.index("--metric")] + ["--output_dir", str(out)], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert bad.returncode == 2 and "use --metric fid --reference_batch" in bad.stderr
