@@ -19,6 +19,7 @@ original state dict, to measure both differences (`original_dit_forward`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -99,7 +100,8 @@ def load_checkpoint_file(path: str) -> Any:
     try:
         # DiT's train.py stores its argparse.Namespace beside the weights; a Namespace only holds
         # attributes, so allowing it keeps the load free of arbitrary code.
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.4
+        with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
