@@ -66,9 +66,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--attention", type=_list(str), default=["sdpa"], help="sdpa, math, flash, efficient or xformers.")
     p.add_argument("--compile", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]")
-    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: a quick CPU check).")
+    p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU check).")
     p.add_argument(
-        "--gradient_checkpointing", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]"
+        "--gradient_checkpointing", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|...]"
     )
     p.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None, help="Default: fused on CUDA.")
     p.add_argument("--ema", default="foreach", help="foreach (the trainer's EMA) or none.")
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flops_only", action="store_true", help="Only count FLOPs (meta device, no compute) and exit.")
     p.add_argument("--sweep", action="store_true", help="Every combination of the listed options, one row each.")
     p.add_argument("--config_timeout", type=float, default=300.0, help="Sweep: seconds allowed per configuration.")
-    p.add_argument("--time_budget", type=float, default=None, help="Sweep: seconds for the whole sweep (groups after it are skipped).")
+    p.add_argument("--time_budget", type=float, default=None, help="Sweep: seconds for all groups (later ones skip).")
     p.add_argument("--json", default=None, help="Write the results here.")
     p.add_argument("--markdown", default=None, help="Write the results table here.")
     p.add_argument("--worker_jsonl", default=None, help=argparse.SUPPRESS)  # a sweep group's rows, one per line
@@ -251,7 +251,8 @@ def run_in_process(args: argparse.Namespace) -> dict:
         if args.flops_only:
             from speedit_scheduler.models import dit_config
 
-            benchmarking.validate_config(config, torch.device("cpu") if args.device == "auto" else torch.device(args.device))
+            device = torch.device("cpu") if args.device == "auto" else torch.device(args.device)
+            benchmarking.validate_config(config, device)
             model_config = dit_config(benchmarking.normalize_preset(config.model), **config.dit_kwargs())
             return {"flops": benchmarking.flops_summary(model_config), "rows": []}
 

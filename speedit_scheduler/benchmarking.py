@@ -105,7 +105,8 @@ def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
     """Check every option before anything is built; return the model config. One-line errors."""
     if config.resolution % VAE_DOWNSAMPLE:
         raise ValueError(
-            f"--resolution {config.resolution} is not a multiple of {VAE_DOWNSAMPLE} (the SD-VAE factor): use e.g. 256 or 512."
+            f"--resolution {config.resolution} is not a multiple of {VAE_DOWNSAMPLE} (the SD-VAE factor): "
+            "use e.g. 256 or 512."
         )
     model_config = dit_config(normalize_preset(config.model), **config.dit_kwargs())  # raises for bad presets/sizes
     for name in ("batch_size", "steps", "repeats"):
@@ -129,14 +130,18 @@ def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
         raise ValueError("--attention xformers cannot be traced by --compile: use --attention sdpa with --compile.")
     if device.type == "cpu":
         if config.precision == "fp16":
-            raise ValueError("--precision fp16 needs a CUDA GPU (accelerate has no fp16 autocast on CPU): use bf16 or fp32.")
+            raise ValueError(
+                "--precision fp16 needs a CUDA GPU (accelerate has no fp16 autocast on CPU): use bf16 or fp32."
+            )
         if config.attention in ("efficient", "xformers"):
             raise ValueError(f"--attention {config.attention} has no CPU kernel: use sdpa, math or flash on the CPU.")
     if config.attention == "xformers":
         try:
             import xformers  # noqa: F401
         except ImportError:
-            raise ValueError("--attention xformers needs the xformers package: pip install xformers, or use sdpa.") from None
+            raise ValueError(
+                "--attention xformers needs the xformers package: pip install xformers, or use sdpa."
+            ) from None
     return model_config
 
 
@@ -259,13 +264,16 @@ def matmul_dtype_for(config: BenchmarkConfig, device: torch.device) -> torch.dty
     return torch.float16 if config.precision == "fp16" else torch.bfloat16
 
 
-def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> float:
-    """TFLOP/s of a square `size` matmul, the ceiling the achieved rate is compared with."""
+def measure_matmul_tflops(
+    device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10, clock: str = "wall"
+) -> float:
+    """TFLOP/s of a square `size` matmul, the ceiling the achieved rate is compared with (timed
+    with the same clock as the steps)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         torch.mm(a, b)
-    seconds = min(time_calls(lambda: torch.mm(a, b), repeats, device) for _ in range(3)) / repeats
+    seconds = min(time_calls(lambda: torch.mm(a, b), repeats, device, clock) for _ in range(3)) / repeats
     return 2 * size**3 / seconds / 1e12
 
 
@@ -519,7 +527,8 @@ def measure(
         order = ("trainer", "bare") if r % 2 == 0 else ("bare", "trainer")
         for kind in order if overhead else ("trainer",):
             fn = bench.trainer_step if kind == "trainer" else bench.bare_step
-            (trainer_s if kind == "trainer" else bare_s).append(time_calls(fn, cfg.steps, bench.device, cfg.clock) / cfg.steps)
+            seconds = time_calls(fn, cfg.steps, bench.device, cfg.clock) / cfg.steps
+            (trainer_s if kind == "trainer" else bare_s).append(seconds)
     memory_gib, memory_kind = peak_memory(bench.device)
     if not torch.isfinite(bench.state.loss_sum):
         raise FloatingPointError("the loss became NaN or inf during the benchmark: the timings are meaningless.")
@@ -602,13 +611,19 @@ def run_benchmark(
     device = resolve_device(config.device)
     for attention in attentions:  # every combination is checked before the model is built
         validate_config(
-            BenchmarkConfig(**{**asdict(config), "attention": attention, "compile": compile, "batch_size": min(batch_sizes)}),
+            BenchmarkConfig(
+                **{**asdict(config), "attention": attention, "compile": compile, "batch_size": min(batch_sizes)}
+            ),
             device,
         )
     env = environment(device)
     dtype = matmul_dtype_for(config, device)
     size = matmul_size or (8192 if device.type == "cuda" else 1024)
-    matmul = {"tflops": measure_matmul_tflops(device, dtype, size), "dtype": str(dtype).replace("torch.", ""), "size": size}
+    matmul = {
+        "tflops": measure_matmul_tflops(device, dtype, size, clock=config.clock),
+        "dtype": str(dtype).replace("torch.", ""),
+        "size": size,
+    }
     model_config = dit_config(normalize_preset(config.model), **config.dit_kwargs())
     flops = count_train_flops(model_config)
     header = {"environment": env, "matmul": matmul, "flops": flops_summary(model_config, flops)}
