@@ -172,7 +172,12 @@ class SpeeDiTPipeline(DiffusionPipeline):
         else:
             self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
         sample = sample * self.scheduler.init_noise_sigma  # 1 for DDPM/DDIM; Euler-type schedulers need it
-        learned_variance = self.scheduler.config.get("variance_type") in ("learned", "learned_range")
+        # Only DDPM uses the variance channels. (`from_config` of a DDPM config leaves its
+        # variance_type in e.g. DDIM's config, and DPM-Solver's "learned" keeps eps[:, :3] only,
+        # wrong for 4 latent channels: every other scheduler gets the eps channels alone.)
+        learned_variance = isinstance(self.scheduler, DDPMScheduler) and (
+            self.scheduler.config.variance_type in ("learned", "learned_range")
+        )
         step_kwargs = self._step_kwargs(generator)
         for t in self.progress_bar(self.scheduler.timesteps):
             model_input = self.scheduler.scale_model_input(sample, t)

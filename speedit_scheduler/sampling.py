@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import glob
+import inspect
 import json
 import math
 import os
@@ -68,6 +69,8 @@ def build_scheduler(name: str, base_config, learned_variance: bool, clip_sample:
     if cls is DDPMScheduler:
         overrides["variance_type"] = "learned_range" if learned_variance else "fixed_small"
         overrides["timestep_spacing"] = "linspace"
+    elif "variance_type" in inspect.signature(cls.__init__).parameters:
+        overrides["variance_type"] = None  # DPM-Solver would keep eps[:, :3]; the pipeline drops the variance
     if clip_sample is not None and "clip_sample" in base_config:
         overrides["clip_sample"] = clip_sample
     return cls.from_config(base_config, **overrides)

@@ -208,6 +208,12 @@ def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
     singles = [np.asarray(Image.open(tmp_path / "singles" / f)) for f in sorted(os.listdir(tmp_path / "singles"))]
     assert singles[0].shape == (8, 8) and not np.array_equal(singles[0], singles[1])
 
+    # other schedulers, built from the learned-variance DDPM config, drop the variance channels
+    for scheduler in ("ddim", "dpm-solver++", "euler-ancestral"):
+        sample_dit.main(["--model", pixel_dir, "--class_labels", "0", "--output", str(tmp_path / f"{scheduler}.png"),
+                         "--num_inference_steps", "3", "--scheduler", scheduler])
+        assert Image.open(tmp_path / f"{scheduler}.png").size == (64, 64 + CAPTION_HEIGHT)
+
     # latent DiTPipeline folder (in-process: the script's main): faithful and stock DiTPipeline with DDIM
     for sampler in ("faithful", "diffusers"):
         grid = tmp_path / f"{sampler}.png"
