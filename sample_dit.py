@@ -234,6 +234,8 @@ def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
     try:
         if state.is_main_process:
             plan.check_settings(settings)
+            for stale in plan.stray_tmp_files():  # half-written by a killed run; nobody writes yet
+                os.remove(stale)
         state.wait_for_everyone()
         if not state.is_main_process:
             plan.check_settings(settings)

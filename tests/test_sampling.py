@@ -290,9 +290,11 @@ def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_
     assert killed.returncode == -9
     assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz"]
     assert not (tmp_path / "b" / "samples_10.npz").exists()
+    (tmp_path / "b" / "shards" / "000001.npz.999.tmp").write_bytes(b"half")  # as a kill mid-write leaves
     first_shard = os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns
     sample_dit.main(common + ["--sample_dir", str(tmp_path / "b")])  # resumes: shard 0 is kept
     assert os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns == first_shard  # skipped, not redone
+    assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
     assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "b" / "samples_10.npz")
 
     with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale\)"):
