@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import sys
 import time
@@ -34,15 +33,15 @@ from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
 from speedit_scheduler.training import (
     TimestepQuartileLoss,
+    TrainerStepState,
     build_pipeline,
     checkpoint_step,
     create_ema,
     learned_variance_scheduler,
     resolve_resume_checkpoint,
     save_checkpoint,
+    run_trainer_step,
     save_pipeline,
-    step_generator,
-    training_step_loss,
 )
 
 logger = get_logger(__name__)
@@ -335,6 +334,12 @@ def main(args: argparse.Namespace) -> str:
     quartiles = TimestepQuartileLoss(scheduler.config.num_train_timesteps, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+    step_state = TrainerStepState(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, scheduler=scheduler, loss_fn=loss_fn, ema=ema,
+        quartiles=quartiles, loss_sum=loss_sum, first_bad_step=first_bad_step,
+        class_dropout_prob=args.class_dropout_prob, null_label=null_label, max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+    )
     images_per_step = config["global_batch_size"]
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
@@ -365,31 +370,10 @@ def main(args: argparse.Namespace) -> str:
             data_generator(args.seed, accelerator.process_index, micro_step),
             device=device,
         )
-        x_start, labels = batch["samples"], batch["class_labels"]
-        generator = step_generator(args.seed, accelerator.process_index, micro_step, device)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                out = training_step_loss(
-                    model, scheduler, loss_fn, x_start, labels, generator, args.class_dropout_prob, null_label
-                )
-            accelerator.backward(out.loss)
-            if accelerator.sync_gradients and args.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        run_trainer_step(accelerator, step_state, batch["samples"], batch["class_labels"], micro_step, global_step)
         micro_step += 1
-        loss_detached = out.loss.detach()
-        loss_sum += loss_detached
-        quartiles.update(out.mse, out.timesteps)
-        first_bad_step.copy_(
-            torch.where(~torch.isfinite(loss_detached) & (first_bad_step < 0), global_step + 1, first_bad_step)
-        )
         if not accelerator.sync_gradients:
             continue
-
-        if ema is not None:
-            ema.step(accelerator.unwrap_model(model).parameters())
         global_step += 1
         progress.update(1)
 

@@ -103,6 +103,61 @@ class TimestepQuartileLoss:
         return {f"loss/mse_t_q{i + 1}": v for i, v in enumerate(values)}
 
 
+@dataclass
+class TrainerStepState:
+    """Everything one step of `train_dit.py`'s loop reads or updates."""
+
+    model: torch.nn.Module  # as prepared (and compiled) for the forward pass
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    scheduler: SpeeDiTScheduler
+    loss_fn: DiTLoss
+    ema: object | None
+    quartiles: TimestepQuartileLoss
+    loss_sum: torch.Tensor
+    first_bad_step: torch.Tensor
+    class_dropout_prob: float
+    null_label: int
+    max_grad_norm: float
+    seed: int
+
+
+def run_trainer_step(
+    accelerator, state: TrainerStepState, x_start: torch.Tensor, labels: torch.Tensor, micro_step: int, global_step: int
+) -> TrainingStepOutput:
+    """One micro-step of `train_dit.py`'s loop (and of the throughput benchmark): the step's generator,
+    SpeeD timesteps, label dropout and hybrid loss under autocast, backward, clipping, AdamW,
+    LR schedule, the device-side loss and quartile bookkeeping, and the EMA update. No host sync."""
+    generator = step_generator(state.seed, accelerator.process_index, micro_step, x_start.device)
+    with accelerator.accumulate(state.model):
+        with accelerator.autocast():
+            out = training_step_loss(
+                state.model,
+                state.scheduler,
+                state.loss_fn,
+                x_start,
+                labels,
+                generator,
+                state.class_dropout_prob,
+                state.null_label,
+            )
+        accelerator.backward(out.loss)
+        if accelerator.sync_gradients and state.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm)
+        state.optimizer.step()
+        state.lr_scheduler.step()
+        state.optimizer.zero_grad(set_to_none=True)
+    loss_detached = out.loss.detach()
+    state.loss_sum += loss_detached
+    state.quartiles.update(out.mse, out.timesteps)
+    state.first_bad_step.copy_(
+        torch.where(~torch.isfinite(loss_detached) & (state.first_bad_step < 0), global_step + 1, state.first_bad_step)
+    )
+    if state.ema is not None and accelerator.sync_gradients:
+        state.ema.step(accelerator.unwrap_model(state.model).parameters())
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------

@@ -269,7 +269,9 @@ def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    real = train_dit.training_step_loss
+    import speedit_scheduler.training as training
+
+    real = training.training_step_loss
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -279,7 +281,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
             out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setattr(train_dit, "training_step_loss", poisoned)
+    monkeypatch.setattr(training, "training_step_loss", poisoned)  # what run_trainer_step calls
     out = tmp_path / "out"
     with pytest.raises(FloatingPointError, match="NaN or inf at step 3"):
         train_dit.main(_tiny_args(out))
