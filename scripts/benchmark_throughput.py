@@ -87,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU runs).")
     p.add_argument("--matmul_size", type=int, default=None, help="Side of the ceiling matmul (8192 CUDA, 1024 CPU).")
     p.add_argument("--overhead", action="store_true", help="Also time the bare step and report the trainer's overhead.")
+    p.add_argument(
+        "--profile", type=int, default=0, metavar="STEPS",
+        help="Profile STEPS trainer steps of the last configuration: time per kernel category and the top kernels.",
+    )
     p.add_argument("--flops_only", action="store_true", help="Only count FLOPs (meta device, no compute) and exit.")
     p.add_argument("--sweep", action="store_true", help="Every combination of the listed options, one row each.")
     p.add_argument("--config_timeout", type=float, default=300.0, help="Sweep: seconds allowed per configuration.")
@@ -107,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(f"error: --time_budget {args.time_budget} must be positive.")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"error: --threads {args.threads} must be at least 1.")
+    if args.profile < 0:
+        raise SystemExit(f"error: --profile {args.profile} must be a number of steps (0: no profile).")
+    if args.sweep and args.profile:
+        raise SystemExit("error: --profile looks at one configuration: drop --sweep or --profile.")
     if args.sweep and args.overhead:
         raise SystemExit("error: --overhead measures one configuration: drop --sweep or --overhead.")
     return args
@@ -282,6 +290,7 @@ def run_in_process(args: argparse.Namespace) -> dict:
             matmul_size=args.matmul_size,
             on_start=on_start,
             on_row=on_row,
+            profile_steps=args.profile,
         )
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
@@ -379,6 +388,10 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_in_process(args)
         if args.flops_only:
             print(json.dumps(result["flops"], indent=2))
+        if "profile" in result:
+            from speedit_scheduler.benchmarking import format_profile
+
+            print(format_profile(result["profile"]), flush=True)
     if args.worker_jsonl is None:
         write_outputs(args, result)
     return result

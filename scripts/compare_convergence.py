@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
+    p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs).")
     p.add_argument("--metric", choices=["classifier", "fid"], default=defaults.metric)
     p.add_argument("--reference_batch", default=None, help="--metric fid: ADM-format reference .npz.")
     p.add_argument("--inception_weights", default=None, help="--metric fid: the FID Inception weights file.")

@@ -38,7 +38,7 @@ if [ "$DRY" = "1" ]; then
     # CPU-sized: every step of the real script, on a 2-layer DiT with 8x8 latents.
     COMMON=(--num_layers 2 --hidden_size 64 --num_attention_heads 2 --resolution 64 --device cpu --threads 1
             --precision fp32 --steps 1 --warmup 1 --repeats 2)
-    XL_BATCHES="2,4"; XL_COMPILE_BATCHES="4"; SMALL_BATCHES="4,8"; OVERHEAD_BATCH=4; CKPT_BATCH=8
+    XL_BATCHES="2,4"; XL_MAIN_BATCH=4; SMALL_BATCHES="8"; OVERHEAD_BATCH=4; CKPT_BATCH=8
     CAP_EAGER=120; CAP_COMPILE=300
     COMPILE_BACKEND=aot_eager  # dynamo + AOT autograd without inductor's C++ build: minutes on 2 busy cores
 else
@@ -47,11 +47,11 @@ else
     MEM_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30)" 2>>"$LOG")
     if [ -z "$MEM_GIB" ]; then say "error: torch sees no CUDA GPU; use SPEEDIT_BENCH_DRY=1 on a CPU."; exit 1; fi
     if [ "$MEM_GIB" -gt 100 ]; then  # H200: room for batch 256 without checkpointing
-        XL_BATCHES="32,64,128,256"; XL_COMPILE_BATCHES="128,256"
+        XL_BATCHES="32,64,256"
     else
-        XL_BATCHES="32,64,128"; XL_COMPILE_BATCHES="128"
+        XL_BATCHES="32,64"
     fi
-    SMALL_BATCHES="128,256"; OVERHEAD_BATCH=64; CKPT_BATCH=256
+    XL_MAIN_BATCH=128; SMALL_BATCHES="64,256"; OVERHEAD_BATCH=64; CKPT_BATCH=256
     CAP_EAGER=60; CAP_COMPILE=200
     COMPILE_BACKEND=inductor
 fi
@@ -70,19 +70,22 @@ step() {
     say "== $name ($(date -u +%H:%M:%S), ${left}s left): $*"
     local budget=()
     [ "$1" = "--sweep" ] && budget=(--time_budget $((left - 15)))  # a sweep stops its own groups in time
-    timeout --signal=INT --kill-after=15 "$left" "$PY" scripts/benchmark_throughput.py "$@" "${budget[@]}" \
+    local cap="${STEP_CAP:-$left}"; [ "$cap" -gt "$left" ] && cap="$left"
+    timeout --signal=INT --kill-after=15 "$cap" "$PY" scripts/benchmark_throughput.py "$@" "${budget[@]}" \
         --json "$WORK/$name.json" 2>&1 | tee -a "$LOG"
     say "== $name: exit ${PIPESTATUS[0]}"
     RUNS+=("$name")
 }
 
-# Most important first: the production configuration (XL/2, bf16, SDPA), eager then compiled.
-step xl2_eager 60 --sweep --model XL/2 --batch_size "$XL_BATCHES" "${COMMON[@]}" --config_timeout "$CAP_EAGER"
-step xl2_compile 120 --sweep --model XL/2 --batch_size "$XL_COMPILE_BATCHES" --compile on --compile_backend "$COMPILE_BACKEND" "${COMMON[@]}" --config_timeout "$CAP_COMPILE"
+# Most important first: the production configuration (XL/2, bf16, SDPA), eager then compiled, each
+# with a profile of where its step spends the time; then S/2 (the convergence runs' model), the
+# batch scaling of XL/2, and the options.
+step xl2_eager_profile 60 --model XL/2 --batch_size "$XL_MAIN_BATCH" --profile 3 "${COMMON[@]}"
+STEP_CAP=$CAP_COMPILE step xl2_compile_profile 150 --model XL/2 --batch_size "$XL_MAIN_BATCH" --compile on --compile_backend "$COMPILE_BACKEND" --profile 3 "${COMMON[@]}"
+step s2 60 --sweep --model S/2 --batch_size "$SMALL_BATCHES" --compile off,on --compile_backend "$COMPILE_BACKEND" "${COMMON[@]}" --config_timeout "$CAP_COMPILE"
+step xl2_eager 40 --sweep --model XL/2 --batch_size "$XL_BATCHES" "${COMMON[@]}" --config_timeout "$CAP_EAGER"
 step xl2_overhead 40 --model XL/2 --batch_size "$OVERHEAD_BATCH" --overhead "${COMMON[@]}"
-step s2_eager 30 --sweep --model S/2 --batch_size "$SMALL_BATCHES" "${COMMON[@]}" --config_timeout "$CAP_EAGER"
-step b2_eager 30 --sweep --model B/2 --batch_size "$SMALL_BATCHES" "${COMMON[@]}" --config_timeout "$CAP_EAGER"
-step xl2_no_ema 40 --sweep --model XL/2 --batch_size "${XL_BATCHES##*,}" --ema none "${COMMON[@]}" --config_timeout "$CAP_EAGER"
+step xl2_no_ema 30 --sweep --model XL/2 --batch_size "$XL_MAIN_BATCH" --ema none "${COMMON[@]}" --config_timeout "$CAP_EAGER"
 step xl2_checkpointing 40 --sweep --model XL/2 --batch_size "$CKPT_BATCH" --gradient_checkpointing on "${COMMON[@]}" --config_timeout "$CAP_EAGER"
 
 # Merge: results.json (every run's JSON) and summary.md (a table per run with its command).
@@ -105,6 +108,9 @@ if header is not None:
     lines += ["```", format_header(header), "```", ""]
 for name, result in runs.items():
     lines += [f"## {name}", "", f"`{result['command']}`", "", markdown_table(result["rows"]), ""]
+    if "profile" in result:
+        from speedit_scheduler.benchmarking import format_profile
+        lines += [format_profile(result["profile"]), ""]
     for row in result["rows"]:
         if "overhead" in row:
             lines += [f"overhead of the trainer step over the bare step: {100 * row['overhead']:+.1f}% "

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import os
 import platform
+import re
 import resource
 import statistics
 import time
@@ -530,6 +531,95 @@ def measure(
     return row
 
 
+# Where a step's time goes: kernels (CUDA) or operators (CPU) by name, first match wins.
+PROFILE_CATEGORIES = (
+    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|wgmma|cublas|conv|triton_tem|aten::(mm|addmm|bmm|matmul|linear)$"),
+    ("optimizer (AdamW)", r"adam"),
+    ("EMA, grad norm (foreach)", r"foreach|multi_tensor|lerp"),
+    ("compiled fusions", r"^triton_"),
+    ("normalization", r"norm"),
+    ("copies and casts", r"copy|memcpy|memset|cast|aten::to$|fill"),
+    ("random numbers", r"rand|normal|multinomial|philox|distribution"),
+)
+
+
+def categorize_kernel(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in PROFILE_CATEGORIES:
+        if re.search(pattern, lowered if not pattern.startswith("^") else name):
+            return category
+    return "other elementwise / reductions"
+
+
+def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20) -> dict:
+    """Profile `steps` trainer steps with `torch.profiler`: device time per step by kernel
+    category and the top kernels (CUDA), or CPU operator self-time (CPU), against wall time.
+    A device busy far less than the wall clock means the step is bound by launches on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = bench.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    bench.trainer_step()  # not profiled: allocator and autotuning settle
+    synchronize(bench.device)
+    with profile(activities=activities) as prof:
+        started = time.perf_counter()
+        for _ in range(steps):
+            bench.trainer_step()
+        synchronize(bench.device)
+        wall_s = time.perf_counter() - started
+
+    def self_time_us(event) -> float:
+        if cuda:
+            return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
+        return float(event.self_cpu_time_total)
+
+    kernels = []
+    for event in prof.key_averages():
+        if cuda and str(getattr(event, "device_type", "")).endswith("CPU"):
+            continue  # host-side operators; their kernels are counted on the device
+        if not cuda and not event.key.startswith("aten::"):
+            continue
+        us = self_time_us(event)
+        if us > 0:
+            kernels.append((event.key, us, event.count))
+    busy_us = sum(us for _, us, _ in kernels)
+    categories: dict[str, float] = {}
+    for name, us, _ in kernels:
+        category = categorize_kernel(name)
+        categories[category] = categories.get(category, 0.0) + us
+    per_step = lambda us: us / 1000.0 / steps  # noqa: E731
+    return {
+        "steps": steps,
+        "timer": "device kernels" if cuda else "CPU operator self time",
+        "wall_ms_per_step": 1000.0 * wall_s / steps,
+        "busy_ms_per_step": per_step(busy_us),
+        "categories": [
+            {"category": c, "ms_per_step": per_step(us), "share": us / busy_us if busy_us else 0.0}
+            for c, us in sorted(categories.items(), key=lambda item: -item[1])
+        ],
+        "top": [
+            {"name": name[:120], "category": categorize_kernel(name), "ms_per_step": per_step(us), "calls_per_step": count / steps}
+            for name, us, count in sorted(kernels, key=lambda k: -k[1])[:top]
+        ],
+    }
+
+
+def format_profile(profile: dict) -> str:
+    lines = [
+        f"profile over {profile['steps']} trainer steps ({profile['timer']}): wall {profile['wall_ms_per_step']:.1f} ms/step "
+        f"under the profiler, busy {profile['busy_ms_per_step']:.1f} ms/step",
+        "| category | ms/step | share |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |" for c in profile["categories"]]
+    lines += ["", "| top kernel / operator | category | ms/step | calls/step |", "| --- | --- | --- | --- |"]
+    lines += [
+        f"| `{k['name']}` | {k['category']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" for k in profile["top"]
+    ]
+    return "\n".join(lines)
+
+
 def run_benchmark(
     config: BenchmarkConfig,
     batch_sizes: list[int] | None = None,
@@ -540,6 +630,7 @@ def run_benchmark(
     matmul_size: int | None = None,
     on_start=None,
     on_row=None,
+    profile_steps: int = 0,
 ) -> dict:
     """Build once and measure every (attention, checkpointing, batch) combination of one
     precision and compile mode. Returns `{"environment", "matmul", "flops", "rows"}`;
@@ -547,7 +638,8 @@ def run_benchmark(
     it completes (a sweep's worker streams them, so a time cap keeps what finished).
 
     A configuration that runs out of GPU memory gives a row with status "oom", and larger
-    batches of the same options are skipped.
+    batches of the same options are skipped. `profile_steps` > 0 adds `"profile"`: where the last
+    configuration's step spends its time (`profile_trainer_step`).
     """
     batch_sizes = batch_sizes or [config.batch_size]
     attentions = attentions or [config.attention]
@@ -603,4 +695,11 @@ def run_benchmark(
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)
-    return {**header, "rows": rows}
+    result = {**header, "rows": rows}
+    if profile_steps > 0 and rows and rows[-1]["status"] == "ok":
+        try:
+            result["profile"] = profile_trainer_step(bench, profile_steps)
+        except Exception as e:  # the profiler is a diagnostic: its failure must not lose the measured rows
+            result["profile_error"] = f"{type(e).__name__}: {e}"
+            print(f"warning: profiling failed ({result['profile_error']})", flush=True)
+    return result

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from speedit_scheduler.benchmarking import count_train_flops, dit_forward_flops
+from speedit_scheduler.benchmarking import categorize_kernel, count_train_flops, dit_forward_flops
 from speedit_scheduler.models import dit_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,9 +67,10 @@ def test_flop_count_matches_hand_count_and_dit_paper():
 def test_single_run_with_overhead_reports_every_field(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script(*TINY, "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "3",
-                      "--overhead", "--json", str(out))  # fmt: skip
+                      "--overhead", "--profile", "2", "--json", str(out))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "images/s" in proc.stdout and "overhead of the trainer step" in proc.stdout
+    assert "profile over 2 trainer steps (CPU operator self time)" in proc.stdout
     result = json.loads(out.read_text())
     assert "benchmark_throughput.py" in result["command"]
     env = result["environment"]
@@ -96,6 +97,33 @@ def test_single_run_with_overhead_reports_every_field(tmp_path):
     assert row["overhead"] == pytest.approx(row["trainer_step_ms"] / row["bare_step_ms"] - 1)
     spread = row["overhead_per_repeat"]
     assert spread["min"] <= spread["median"] <= spread["max"] and math.isfinite(row["overhead"])
+    # Profile: the categories split the busy time, and the matrix products are among them.
+    profile = result["profile"]
+    assert profile["steps"] == 2 and profile["busy_ms_per_step"] > 0 and profile["wall_ms_per_step"] > 0
+    categories = {c["category"]: c for c in profile["categories"]}
+    assert sum(c["ms_per_step"] for c in categories.values()) == pytest.approx(profile["busy_ms_per_step"])
+    assert sum(c["share"] for c in categories.values()) == pytest.approx(1.0)
+    assert categories["matmul"]["ms_per_step"] > 0 and categories["EMA, grad norm (foreach)"]["ms_per_step"] > 0
+    assert 0 < len(profile["top"]) <= 20 and any(k["name"] == "aten::addmm" for k in profile["top"])
+
+
+@pytest.mark.parametrize(
+    "kernel, category",
+    [
+        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", "matmul"),
+        ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
+        ("triton_tem_fused_addmm_0", "matmul"),
+        ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", "attention"),
+        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer (AdamW)"),
+        ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>>", "EMA, grad norm (foreach)"),
+        ("triton_per_fused_add_mul_native_layer_norm_3", "compiled fusions"),
+        ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "normalization"),
+        ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copies and casts"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other elementwise / reductions"),
+    ],
+)
+def test_profile_categories_of_real_kernel_names(kernel, category):
+    assert categorize_kernel(kernel) == category
 
 
 def test_sweep_gives_one_row_per_configuration(tmp_path):
@@ -130,6 +158,8 @@ def test_sweep_gives_one_row_per_configuration(tmp_path):
         (["--sweep", "--overhead"], "--overhead measures one configuration"),
         (["--threads", "0"], "--threads 0 must be at least 1"),
         (["--clock", "gpu"], "--clock 'gpu' is unknown"),
+        (["--profile", "-1"], "--profile -1 must be a number of steps"),
+        (["--sweep", "--profile", "2"], "--profile looks at one configuration"),
     ],
 )
 def test_bad_flags_give_one_line_errors(script_module, argv, message):
