@@ -38,7 +38,7 @@ if [ "$DRY" = "1" ]; then
     # CPU-sized: every step of the real script, on a 2-layer DiT with 8x8 latents.
     COMMON=(--num_layers 2 --hidden_size 64 --num_attention_heads 2 --resolution 64 --device cpu --threads 1
             --precision fp32 --steps 1 --warmup 1 --repeats 2)
-    XL_BATCHES="2,4"; XL_MAIN_BATCH=4; SMALL_BATCHES="8"; OVERHEAD_BATCH=4; CKPT_BATCH=8
+    XL_BATCHES="2,4"; XL_MAIN_BATCH=4; XL_COMPILE_BATCH=4; SMALL_BATCHES="8"; OVERHEAD_BATCH=4; CKPT_BATCH=8
     CAP_EAGER=120; CAP_COMPILE=300
     COMPILE_BACKEND=aot_eager  # dynamo + AOT autograd without inductor's C++ build: minutes on 2 busy cores
 else
@@ -46,10 +46,12 @@ else
     COMMON=(--precision bf16 --steps 10 --warmup 3 --repeats 3)
     MEM_GIB=$("$PY" -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30)" 2>>"$LOG")
     if [ -z "$MEM_GIB" ]; then say "error: torch sees no CUDA GPU; use SPEEDIT_BENCH_DRY=1 on a CPU."; exit 1; fi
+    # Compiled XL/2 needs about 0.27 GiB per image plus 14 GiB of weights, gradients, AdamW and EMA
+    # state (48.6 GiB at batch 128, 66.5 GiB at 192 on an H100).
     if [ "$MEM_GIB" -gt 100 ]; then  # H200: room for batch 256 without checkpointing
-        XL_BATCHES="32,64,256"
+        XL_BATCHES="32,64,256"; XL_COMPILE_BATCH=384
     else
-        XL_BATCHES="32,64"
+        XL_BATCHES="32,64"; XL_COMPILE_BATCH=192
     fi
     XL_MAIN_BATCH=128; SMALL_BATCHES="64,256"; OVERHEAD_BATCH=64; CKPT_BATCH=256
     CAP_EAGER=60; CAP_COMPILE=200
@@ -81,7 +83,7 @@ step() {
 # with a profile of where its step spends the time; then S/2 (the convergence runs' model), the
 # batch scaling of XL/2, and the options.
 step xl2_eager_profile 60 --model XL/2 --batch_size "$XL_MAIN_BATCH" --profile 3 "${COMMON[@]}"
-STEP_CAP=$CAP_COMPILE step xl2_compile_profile 150 --model XL/2 --batch_size "$XL_MAIN_BATCH" --compile on --compile_backend "$COMPILE_BACKEND" --profile 3 "${COMMON[@]}"
+STEP_CAP=$CAP_COMPILE step xl2_compile_profile 150 --model XL/2 --batch_size "$XL_COMPILE_BATCH" --compile on --compile_backend "$COMPILE_BACKEND" --profile 3 "${COMMON[@]}"
 step s2 60 --sweep --model S/2 --batch_size "$SMALL_BATCHES" --compile off,on --compile_backend "$COMPILE_BACKEND" "${COMMON[@]}" --config_timeout "$CAP_COMPILE"
 step xl2_eager 40 --sweep --model XL/2 --batch_size "$XL_BATCHES" "${COMMON[@]}" --config_timeout "$CAP_EAGER"
 step xl2_overhead 40 --model XL/2 --batch_size "$OVERHEAD_BATCH" --overhead "${COMMON[@]}"

@@ -14,7 +14,14 @@ from safetensors.torch import load_file
 import train_dit
 from speedit_scheduler import SpeeDiTScheduler
 from speedit_scheduler.data import DeterministicOrder
-from speedit_scheduler.training import list_checkpoints, resolve_resume_checkpoint, save_checkpoint, step_generator
+from speedit_scheduler.training import (
+    LerpEMAModel,
+    create_ema,
+    list_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    step_generator,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -118,6 +125,41 @@ def test_a_kill_mid_write_never_becomes_latest(tmp_path):
     assert resolve_resume_checkpoint("latest", str(tmp_path / "none")) is None
     with pytest.raises(ValueError, match="is not a checkpoint folder"):
         resolve_resume_checkpoint(str(tmp_path / "nope"), ckpts)
+
+
+def test_lerp_ema_matches_diffusers_ema_and_its_state_round_trips():
+    from diffusers.training_utils import EMAModel
+
+    from speedit_scheduler.models import create_dit
+
+    torch.manual_seed(0)
+    model = create_dit("S/2", seed=0, sample_size=4, num_classes=3, num_layers=1, hidden_size=16, num_attention_heads=2)
+    ema = create_ema(model, decay=0.9)
+    reference = EMAModel(model.parameters(), decay=0.9, min_decay=0.9, update_after_step=0, foreach=True)
+    assert isinstance(ema, LerpEMAModel)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for step in range(6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.step(model.parameters())
+        reference.step(model.parameters())
+        # diffusers' first update copies the weights, then shadow <- 0.9 shadow + 0.1 param.
+        weight = 1.0 if step == 0 else 0.1
+        expected = [e + weight * (p.detach() - e) for e, p in zip(expected, model.parameters())]
+    assert ema.optimization_step == reference.optimization_step == 6 and ema.cur_decay_value == 0.9
+    for mine, theirs, by_hand in zip(ema.shadow_params, reference.shadow_params, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(mine, by_hand, rtol=1e-6, atol=1e-6)
+    restored = create_ema(model, decay=0.9)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.optimization_step == 6
+    assert all(torch.equal(a, b) for a, b in zip(restored.shadow_params, ema.shadow_params))
+    # A frozen parameter takes diffusers' own path (copied, not averaged).
+    frozen_index, frozen = 1, list(model.parameters())[1]
+    frozen.requires_grad_(False)
+    ema.step(model.parameters())
+    assert torch.equal(ema.shadow_params[frozen_index], frozen)
 
 
 def test_processes_get_disjoint_samples_and_different_timesteps():
