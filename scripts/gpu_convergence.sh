@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
+#
+# The MNIST-32 convergence comparison on one GPU in under 10 minutes: DiT-S/2 (12 layers, width
+# 384, patch 2: 256 tokens, the sequence length of DiT-XL/2 on ImageNet latents), 10,000 steps,
+# every (preset, seed) run at the same time on the one GPU (a compiled S/2 step is bound by the
+# host at about 45 ms, so one run leaves most of an H100 idle). Writes to $OUT (default
+# ./convergence-gpu): progress.jsonl (one line per evaluation, kept if the run is cut short),
+# results.json, table.md, convergence.png and log.txt.
+#
+#   bash scripts/gpu_convergence.sh mnist10k.npz                     # GPU
+#   SPEEDIT_CONV_DRY=1 bash scripts/gpu_convergence.sh mnist10k.npz  # CPU: tiny DiT, 40 steps
+#
+# Settings (environment): SPEEDIT_CONV_PRESETS (default "uniform speed speedit-v1"),
+# SPEEDIT_CONV_SEEDS ("0 1"), SPEEDIT_CONV_STEPS (10000), SPEEDIT_CONV_BATCH (64),
+# SPEEDIT_CONV_EVAL_EVERY (1000), SPEEDIT_CONV_BUDGET_S (540: the whole comparison is stopped
+# then, and the report is rebuilt from the evaluations that every run reached).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+DATA="${1:-}"
+if [ -z "$DATA" ] || [ ! -f "$DATA" ]; then
+    echo "error: give the MNIST .npz (images uint8 (N, 28, 28), labels (N,)) as the first argument; got '${DATA}'." >&2
+    exit 2
+fi
+OUT="${OUT:-$PWD/convergence-gpu}"
+mkdir -p "$OUT"
+LOG="$OUT/log.txt"
+: >"$LOG"
+DRY="${SPEEDIT_CONV_DRY:-0}"
+PRESETS="${SPEEDIT_CONV_PRESETS:-uniform speed speedit-v1}"
+SEEDS="${SPEEDIT_CONV_SEEDS:-0 1}"
+BUDGET="${SPEEDIT_CONV_BUDGET_S:-540}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
+PY="${PYTHON:-python3}"
+say() { echo "$*" | tee -a "$LOG"; }
+
+# diffusers (and whatever else the image lacks) travels as wheels in .whl/.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/speedit-site .whl/*.whl \
+        >>"$LOG" 2>&1 || { say "error: installing .whl/*.whl failed (see log.txt)"; exit 1; }
+    export PYTHONPATH="/tmp/speedit-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+if [ "$DRY" = "1" ]; then
+    MODEL=(--num_layers 1 --hidden_size 32 --num_attention_heads 2)
+    STEPS="${SPEEDIT_CONV_STEPS:-40}"; EVERY="${SPEEDIT_CONV_EVAL_EVERY:-20}"; BATCH="${SPEEDIT_CONV_BATCH:-16}"
+    DEVICE=(--device cpu --eval_samples_per_class 2 --eval_inference_steps 5)
+else
+    command -v nvidia-smi >/dev/null && nvidia-smi 2>&1 | tee -a "$LOG"
+    MODEL=(--num_layers 12 --hidden_size 384 --num_attention_heads 6)
+    STEPS="${SPEEDIT_CONV_STEPS:-10000}"; EVERY="${SPEEDIT_CONV_EVAL_EVERY:-1000}"; BATCH="${SPEEDIT_CONV_BATCH:-64}"
+    DEVICE=(--device cuda --mixed_precision bf16 --compile --eval_samples_per_class 50 --eval_inference_steps 50)
+fi
+read -r -a PRESET_LIST <<<"$PRESETS"
+read -r -a SEED_LIST <<<"$SEEDS"
+WORKERS=$(( ${#PRESET_LIST[@]} * ${#SEED_LIST[@]} ))
+ARGS=(--train_data "$DATA" --resolution 32 --model S/2 "${MODEL[@]}" --presets "${PRESET_LIST[@]}"
+      --seeds "${SEED_LIST[@]}" --batch_size "$BATCH" --learning_rate 1e-4 --ema_decay 0.999
+      --max_steps "$STEPS" --eval_every "$EVERY" "${DEVICE[@]}" --num_workers "$WORKERS" --output_dir "$OUT")
+say "speedit convergence: dry=$DRY budget=${BUDGET}s workers=$WORKERS $(date -u '+%Y-%m-%d %H:%M UTC')"
+"$PY" -c "import torch, diffusers, platform; print('python', platform.python_version(), 'torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__)" 2>&1 | tee -a "$LOG"
+say "python scripts/compare_convergence.py ${ARGS[*]}"
+
+timeout --signal=INT --kill-after=20 "$BUDGET" "$PY" scripts/compare_convergence.py "${ARGS[@]}" 2>&1 \
+    | grep --line-buffered -v "Warning\|warn(" | tee -a "$LOG"
+STATUS=${PIPESTATUS[0]}
+if [ "$STATUS" -ne 0 ]; then
+    say "== stopped (exit $STATUS): rebuilding the report from the evaluations every run reached"
+    if [ -s "$OUT/progress.jsonl" ]; then
+        cp "$OUT/progress.jsonl" "$OUT/progress-cut.jsonl"
+        "$PY" scripts/compare_convergence.py "${ARGS[@]}" --from_progress "$OUT/progress-cut.jsonl" 2>&1 | tee -a "$LOG"
+    else
+        say "no evaluation finished: nothing to report"
+    fi
+fi
+say "done: $OUT/{table.md,convergence.png,results.json,progress.jsonl,log.txt}"
