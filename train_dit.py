@@ -32,13 +32,16 @@ from speedit_scheduler.hub import push_folder_to_hub, resolve_hub_token, write_m
 from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
 from speedit_scheduler.training import (
+    COMPILE_MODES,
     TimestepQuartileLoss,
     TrainerStepState,
     build_pipeline,
     checkpoint_step,
+    compile_model,
     create_ema,
     learned_variance_scheduler,
     resolve_resume_checkpoint,
+    mark_compiled_step,
     save_checkpoint,
     run_trainer_step,
     save_pipeline,
@@ -88,6 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer.")
+    p.add_argument(
+        "--compile_mode", default=None, choices=COMPILE_MODES,
+        help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models).",
+    )
     p.add_argument("--allow_tf32", action="store_true")
     # SpeeDiT
     p.add_argument("--speedit", default="speed", choices=sorted(PRESETS), help="Timestep preset ('uniform' = DiT).")
@@ -311,8 +318,9 @@ def main(args: argparse.Namespace) -> str:
     if ema is not None:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
-    if args.compile:
-        model = torch.compile(model)
+    compiled = args.compile or args.compile_mode is not None
+    if compiled:
+        model = compile_model(model, args.compile_mode)
 
     global_step = 0
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
@@ -370,6 +378,8 @@ def main(args: argparse.Namespace) -> str:
             data_generator(args.seed, accelerator.process_index, micro_step),
             device=device,
         )
+        if compiled:
+            mark_compiled_step(args.compile_mode)
         run_trainer_step(accelerator, step_state, batch["samples"], batch["class_labels"], micro_step, global_step)
         micro_step += 1
         if not accelerator.sync_gradients:

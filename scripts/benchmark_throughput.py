@@ -68,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU check).")
     p.add_argument(
+        "--compile_mode", default=None,
+        help="inductor's mode for --compile: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.",
+    )
+    p.add_argument(
         "--gradient_checkpointing", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|...]"
     )
     p.add_argument("--fused_adamw", action=argparse.BooleanOptionalAction, default=None, help="Default: fused on CUDA.")
@@ -131,6 +135,7 @@ def base_config(args: argparse.Namespace, precision: str, compile: bool):
         attention=args.attention[0],
         compile=compile,
         compile_backend=args.compile_backend,
+        compile_mode=args.compile_mode,
         gradient_checkpointing=args.gradient_checkpointing[0],
         fused_adamw=args.fused_adamw,
         ema=args.ema,
@@ -163,7 +168,8 @@ def format_row(row: dict) -> str:
     on = {True: "on", False: "off"}
     head = (
         f"{row['model']} batch {row['batch_size']} {row['precision']} attention={row['attention']} "
-        f"compile={on[row['compile']]} checkpointing={on[row['gradient_checkpointing']]}"
+        f"compile={on[row['compile']] if not row.get('compile_mode') else row['compile_mode']} "
+        f"checkpointing={on[row['gradient_checkpointing']]}"
     )
     if row.get("status") != "ok":
         return f"{head}: {row.get('status')}"
@@ -227,7 +233,8 @@ def markdown_table(rows: list[dict]) -> str:
         return fmt.format(value)
 
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |" for row in rows]
+    shown = [{**row, "compile": row["compile_mode"]} if row.get("compile") and row.get("compile_mode") else row for row in rows]
+    lines += ["| " + " | ".join(cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |" for row in shown]
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from speedit_scheduler.convergence import (  # noqa: E402
     runs_from_progress,
     write_report,
 )
+from speedit_scheduler.training import COMPILE_MODES  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -59,13 +60,16 @@ def parse_args(argv=None):
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs).")
+    p.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
+                   help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models on GPUs).")
     p.add_argument("--metric", choices=["classifier", "fid"], default=defaults.metric)
     p.add_argument("--reference_batch", default=None, help="--metric fid: ADM-format reference .npz.")
     p.add_argument("--inception_weights", default=None, help="--metric fid: the FID Inception weights file.")
     p.add_argument("--vae", default=None, help="Decoder of latent data (default: the latents folder's VAE).")
     p.add_argument("--num_workers", type=int, default=1, help="Runs in parallel (e.g. several on one GPU).")
     p.add_argument("--output_dir", default="convergence")
-    p.add_argument("--from_progress", default=None, help="Only rebuild the report from a progress.jsonl.")
+    p.add_argument("--from_progress", nargs="+", default=None,
+                   help="Only rebuild the report from progress.jsonl files (several: runs made separately).")
     args = p.parse_args(argv)
     if "uniform" not in args.presets:
         p.error("--presets must include 'uniform', the baseline of the speed-up.")
@@ -73,6 +77,9 @@ def parse_args(argv=None):
         p.error(f"--eval_every {args.eval_every} must lie in [1, --max_steps {args.max_steps}].")
     if args.train_data != "digits" and not os.path.exists(args.train_data):
         p.error(f"--train_data {args.train_data!r} does not exist: give 'digits', an .npz file (e.g. MNIST) or a latents folder.")
+    for path in args.from_progress or []:
+        if not os.path.isfile(path):
+            p.error(f"--from_progress {path!r} does not exist: give the progress.jsonl of an earlier run.")
     if args.metric == "fid" and not args.from_progress:
         if not args.reference_batch:
             p.error("--metric fid needs --reference_batch (make one with scripts/evaluate.py --make_reference).")
@@ -89,7 +96,7 @@ def main(argv=None):
     config = ComparisonConfig(**{k: v for k, v in vars(args).items() if k in fields})
     command = "python scripts/compare_convergence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.from_progress:
-        runs = runs_from_progress(args.from_progress)
+        runs = runs_from_progress(*args.from_progress)
     else:
         os.makedirs(args.output_dir, exist_ok=True)
         config.progress_path = os.path.join(args.output_dir, "progress.jsonl")

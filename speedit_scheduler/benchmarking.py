@@ -27,7 +27,15 @@ from diffusers.optimization import get_scheduler
 from .losses import DiTLoss
 from .models import create_dit, dit_config, disable_internal_label_dropout, null_class_label
 from .scheduling_speedit import PRESETS, SpeeDiTScheduler
-from .training import TimestepQuartileLoss, TrainerStepState, create_ema, run_trainer_step
+from .training import (
+    COMPILE_MODES,
+    TimestepQuartileLoss,
+    TrainerStepState,
+    compile_model,
+    create_ema,
+    mark_compiled_step,
+    run_trainer_step,
+)
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient", "xformers")
@@ -50,6 +58,7 @@ class BenchmarkConfig:
     attention: str = "sdpa"
     compile: bool = False
     compile_backend: str = "inductor"  # train_dit.py's torch.compile default; aot_eager for quick CPU checks
+    compile_mode: str | None = None  # inductor's mode; "reduce-overhead" adds CUDA graphs
     gradient_checkpointing: bool = False
     fused_adamw: bool | None = None  # None: the trainer's choice (fused on CUDA)
     ema: str = "foreach"
@@ -127,6 +136,11 @@ def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
         raise ValueError("--clock process measures CPU time: use it with --device cpu, or --clock wall on a GPU.")
     if config.speedit not in PRESETS:
         raise ValueError(f"--speedit {config.speedit!r} is unknown: choose one of {', '.join(PRESETS)}.")
+    if config.compile_mode is not None:
+        if config.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"--compile_mode {config.compile_mode!r} is unknown: choose one of {', '.join(COMPILE_MODES)}.")
+        if config.compile_backend != "inductor":
+            raise ValueError(f"--compile_mode is inductor's: drop it or use --compile_backend inductor, not {config.compile_backend!r}.")
     if config.attention == "xformers" and config.compile:
         raise ValueError("--attention xformers cannot be traced by --compile: use --attention sdpa with --compile.")
     if device.type == "cpu":
@@ -413,10 +427,12 @@ class TrainingBenchmark:
         model = self.prepared_model
         if compile:
             torch._dynamo.reset()  # a fresh static-shape compile per configuration, as one training run gets
-            model = torch.compile(model, backend=self.config.compile_backend)
+            model = compile_model(model, self.config.compile_mode, self.config.compile_backend)
         self.state.model = model
 
     def trainer_step(self) -> None:
+        if self.state.model is not self.prepared_model:
+            mark_compiled_step(self.config.compile_mode)
         with _attention_context(self.attention):
             run_trainer_step(self.accelerator, self.state, self.x_start, self.labels, self.micro_step, self.micro_step)
         self.micro_step += 1
@@ -491,6 +507,7 @@ def measure(
         "attention": attention,
         "compile": compile,
         "compile_backend": cfg.compile_backend if compile else None,
+        "compile_mode": cfg.compile_mode if compile else None,
         "gradient_checkpointing": gradient_checkpointing,
         "fused_adamw": bench.fused_adamw,
         "ema": cfg.ema,

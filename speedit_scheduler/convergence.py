@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -21,7 +22,14 @@ from .losses import DiTLoss
 from .models import create_dit, disable_internal_label_dropout, null_class_label
 from .pipeline_speedit import SpeeDiTPipeline
 from .scheduling_speedit import SpeeDiTScheduler
-from .training import create_ema, learned_variance_scheduler, step_generator, training_step_loss
+from .training import (
+    compile_model,
+    create_ema,
+    learned_variance_scheduler,
+    mark_compiled_step,
+    step_generator,
+    training_step_loss,
+)
 
 
 @dataclass
@@ -46,6 +54,7 @@ class ComparisonConfig:
     device: str = "cpu"
     mixed_precision: str = "no"  # "bf16" autocast on GPUs
     compile: bool = False  # torch.compile the training forward (GPUs: fuses DiT's small elementwise ops)
+    compile_mode: str | None = None  # inductor's mode; "reduce-overhead" also captures CUDA graphs
     metric: str = "classifier"  # or "fid": ADM's FID/sFID/IS/precision/recall against reference_batch
     reference_batch: str | None = None  # ADM-format .npz of real images (scripts/evaluate.py --make_reference)
     inception_weights: str | None = None  # torch-fidelity's FID Inception weights file
@@ -149,12 +158,15 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
         dataset.samples, dataset.labels = dataset.samples.to(device), dataset.labels.to(device)
     use_bf16 = config.mixed_precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = True
-    train_model = torch.compile(model) if config.compile else model  # shares `model`'s parameters
+    compiled = config.compile or config.compile_mode is not None
+    train_model = compile_model(model, config.compile_mode) if compiled else model  # shares `model`'s parameters
 
     history, losses, start = [], [], time.perf_counter()
     for step in range(1, config.max_steps + 1):
         batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
         generator = step_generator(seed, 0, step - 1, device)
+        if compiled:
+            mark_compiled_step(config.compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
                 train_model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
@@ -216,18 +228,31 @@ def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]
         return pool.map(_worker, jobs, chunksize=1)
 
 
-def runs_from_progress(path: str) -> list[dict]:
-    """Rebuild runs from a progress file, cut to the evaluation steps that every run reached."""
-    runs: dict[tuple[str, int], list[dict]] = {}
-    with open(path) as f:
-        for line in f:
-            record = json.loads(line)
-            key = (record.pop("preset"), record.pop("seed"))
-            runs.setdefault(key, []).append(record)
-    common = set.intersection(*({h["step"] for h in history} for history in runs.values()))
+def runs_from_progress(*paths: str) -> list[dict]:
+    """Rebuild runs from progress files (several: runs made in different sessions), cut to the
+    evaluation steps that every run reached. Runs that stopped before the furthest run's last
+    evaluation (a comparison cut short) are left out, with a note on stderr, unless that would
+    leave none."""
+    runs: dict[tuple[str, int], dict[int, dict]] = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                key = (record.pop("preset"), record.pop("seed"))
+                runs.setdefault(key, {})[record["step"]] = record  # a rerun of the same step replaces it
+    if not runs:
+        raise ValueError(f"no evaluations in {', '.join(paths)}: nothing to report.")
+    last = max(max(steps) for steps in runs.values())
+    complete = {key: steps for key, steps in runs.items() if max(steps) == last}
+    for (preset, seed), steps in runs.items():
+        if (preset, seed) not in complete:
+            print(f"note: {preset} seed {seed} stopped at step {max(steps)} (others reached {last}): left out", file=sys.stderr)
+    common = set.intersection(*(set(steps) for steps in complete.values()))
     return [
-        {"preset": preset, "seed": seed, "history": sorted((h for h in history if h["step"] in common), key=lambda h: h["step"])}
-        for (preset, seed), history in runs.items()
+        {"preset": preset, "seed": seed, "history": [steps[s] for s in sorted(common)]}
+        for (preset, seed), steps in complete.items()
     ]
 
 

@@ -159,6 +159,8 @@ def test_sweep_gives_one_row_per_configuration(tmp_path):
         (["--threads", "0"], "--threads 0 must be at least 1"),
         (["--clock", "gpu"], "--clock 'gpu' is unknown"),
         (["--profile", "-1"], "--profile -1 must be a number of steps"),
+        (["--compile", "--compile_mode", "fast"], "--compile_mode 'fast' is unknown"),
+        (["--compile", "--compile_mode", "reduce-overhead", "--compile_backend", "aot_eager"], "--compile_mode is inductor's"),
         (["--sweep", "--profile", "2"], "--profile looks at one configuration"),
     ],
 )

@@ -29,6 +29,23 @@ def test_speedup_of_a_preset_twice_as_fast():
     assert math.isinf(rows[("speed", 800)]["speedup"])  # 0.0625: uniform never gets there
 
 
+def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp_path, capsys):
+    def line(preset, seed, step, fd):
+        return json.dumps({"preset": preset, "seed": seed, "step": step, "train_loss": 0.1, "frechet_distance": fd})
+
+    first = tmp_path / "a.jsonl"  # session 1: uniform and speed, seed 0, to step 3000
+    first.write_text("\n".join(line(p, 0, s, 100.0 / s) for p in ("uniform", "speed") for s in (1000, 2000, 3000)) + "\n")
+    second = tmp_path / "b.jsonl"  # session 2: seed 1 of both; speed was cut at step 2000
+    second.write_text("\n".join([line("uniform", 1, s, 90.0 / s) for s in (1000, 2000, 3000)]
+                                 + [line("speed", 1, s, 80.0 / s) for s in (1000, 2000)]) + "\n")
+    runs = runs_from_progress(str(first), str(second))
+    assert sorted((r["preset"], r["seed"]) for r in runs) == [("speed", 0), ("uniform", 0), ("uniform", 1)]
+    assert all([h["step"] for h in r["history"]] == [1000, 2000, 3000] for r in runs)
+    assert "speed seed 1 stopped at step 2000 (others reached 3000): left out" in capsys.readouterr().err
+    uniform_1 = next(r for r in runs if r["preset"] == "uniform" and r["seed"] == 1)
+    assert uniform_1["history"][2]["frechet_distance"] == 90.0 / 3000
+
+
 def test_shortened_comparison_end_to_end(tmp_path):
     out = tmp_path / "conv"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "compare_convergence.py"), "--presets", "uniform", "speed",
@@ -117,14 +134,14 @@ def test_compiled_training_follows_the_eager_run(monkeypatch):
     calls = []
     real_compile = torch.compile
 
-    def compile_eagerly(model, **kwargs):
-        calls.append(type(model).__name__)
-        return real_compile(model, backend="eager", **kwargs)
+    def compile_eagerly(model, backend="inductor", mode=None):
+        calls.append((type(model).__name__, backend, mode))
+        return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
     torch._dynamo.reset()
     compiled = train_one("speed", 0, dataclasses.replace(config, compile=True), dataset, metric)
-    assert calls == ["DiTTransformer2DModel"]
+    assert calls == [("DiTTransformer2DModel", "inductor", None)]
     for a, b in zip(eager["history"], compiled["history"]):
         assert a["step"] == b["step"]
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * abs(a["train_loss"])
