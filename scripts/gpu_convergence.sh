@@ -37,17 +37,8 @@ PRESETS="${SPEEDIT_CONV_PRESETS:-uniform speed}"
 SEEDS="${SPEEDIT_CONV_SEEDS:-0 1}"
 BUDGET="${SPEEDIT_CONV_BUDGET_S:-540}"
 START=$(date +%s)
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
-PY="${PYTHON:-python3}"
-say() { echo "$*" | tee -a "$LOG"; }
-
-# diffusers (and whatever else the image lacks) travels as wheels in .whl/.
-if compgen -G ".whl/*.whl" >/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/speedit-site .whl/*.whl \
-        >>"$LOG" 2>&1 || { say "error: installing .whl/*.whl failed (see log.txt)"; exit 1; }
-    export PYTHONPATH="/tmp/speedit-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# offline settings, $PY, say, and diffusers from .whl/ when the image lacks it
+source scripts/gpu_env.sh
 
 if [ "$DRY" = "1" ]; then
     MODEL=(--num_layers 1 --hidden_size 32 --num_attention_heads 2)
