@@ -550,7 +550,7 @@ def measure(
 
 # Where a step's time goes: kernels (CUDA) or operators (CPU) by name, first match wins.
 PROFILE_CATEGORIES = (
-    ("attention", r"flash|fmha|attention|sdpa|softmax"),
+    ("attention", r"flash|fmha|attention|sdpa|softmax|dot_do_o"),
     ("matmul", r"gemm|cutlass|nvjet|xmma|wgmma|cublas|conv|triton_tem|aten::(mm|addmm|bmm|matmul|linear)$"),
     ("optimizer (AdamW)", r"adam"),
     ("EMA, grad norm (foreach)", r"foreach|multi_tensor|lerp"),
@@ -567,6 +567,28 @@ def categorize_kernel(name: str) -> str:
         if re.search(pattern, lowered if not pattern.startswith("^") else name):
             return category
     return "other elementwise / reductions"
+
+
+def kernel_times(events, cuda: bool) -> list[tuple[str, float, int]]:
+    """(name, self time in us, calls) of the device kernels (CUDA) or ATen operators (CPU) among
+    `torch.profiler` averages. Host-side operators and user annotations such as
+    `Optimizer.step#AdamW.step` are left out: on CUDA an annotation carries the device time of the
+    kernels inside it, which would count them twice."""
+    kept = []
+    for event in events:
+        if getattr(event, "is_user_annotation", False):
+            continue
+        if cuda:
+            if str(getattr(event, "device_type", "")).endswith("CPU"):
+                continue
+            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+        else:
+            if not event.key.startswith("aten::"):
+                continue
+            us = event.self_cpu_time_total
+        if us > 0:
+            kept.append((event.key, float(us), event.count))
+    return kept
 
 
 def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20) -> dict:
@@ -586,20 +608,7 @@ def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20
         synchronize(bench.device)
         wall_s = time.perf_counter() - started
 
-    def self_time_us(event) -> float:
-        if cuda:
-            return float(getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0))
-        return float(event.self_cpu_time_total)
-
-    kernels = []
-    for event in prof.key_averages():
-        if cuda and str(getattr(event, "device_type", "")).endswith("CPU"):
-            continue  # host-side operators; their kernels are counted on the device
-        if not cuda and not event.key.startswith("aten::"):
-            continue
-        us = self_time_us(event)
-        if us > 0:
-            kernels.append((event.key, us, event.count))
+    kernels = kernel_times(prof.key_averages(), cuda)
     busy_us = sum(us for _, us, _ in kernels)
     categories: dict[str, float] = {}
     for name, us, _ in kernels:

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from speedit_scheduler.benchmarking import categorize_kernel, count_train_flops, dit_forward_flops
+from speedit_scheduler.benchmarking import categorize_kernel, count_train_flops, dit_forward_flops, kernel_times
 from speedit_scheduler.models import dit_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,10 +120,32 @@ def test_single_run_with_overhead_reports_every_field(tmp_path):
         ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "normalization"),
         ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copies and casts"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other elementwise / reductions"),
+        ("void cudnn::fusion::compute_dot_do_o<true>(void const*, void const*, void*)", "attention"),
     ],
 )
 def test_profile_categories_of_real_kernel_names(kernel, category):
     assert categorize_kernel(kernel) == category
+
+
+def test_profile_counts_each_kernel_once():
+    """On CUDA a `record_function` annotation (the optimizer's) carries the device time of the
+    kernels inside it; only the kernels count. On the CPU only ATen operators count."""
+    from types import SimpleNamespace as Event
+
+    cuda_events = [
+        Event(key="aten::mm", device_type="DeviceType.CPU", self_device_time_total=0.0, count=4),
+        Event(key="nvjet_sm90_tst_192x192", device_type="DeviceType.CUDA", self_device_time_total=900.0, count=4),
+        Event(key="Optimizer.step#AdamW.step", device_type="DeviceType.CUDA", self_device_time_total=300.0, count=1,
+              is_user_annotation=True),
+        Event(key="multi_tensor_apply_kernel<FusedAdamMathFunctor>", device_type="DeviceType.CUDA",
+              self_device_time_total=300.0, count=2, is_user_annotation=False),
+    ]  # fmt: skip
+    assert kernel_times(cuda_events, cuda=True) == [
+        ("nvjet_sm90_tst_192x192", 900.0, 4), ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 300.0, 2)
+    ]
+    cpu_events = [Event(key="aten::addmm", self_cpu_time_total=50.0, count=3),
+                  Event(key="Optimizer.step#AdamW.step", self_cpu_time_total=70.0, count=1)]  # fmt: skip
+    assert kernel_times(cpu_events, cuda=False) == [("aten::addmm", 50.0, 3)]
 
 
 def test_sweep_gives_one_row_per_configuration(tmp_path):
