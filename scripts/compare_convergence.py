@@ -57,6 +57,10 @@ def parse_args(argv=None):
     p.add_argument("--eval_samples_per_class", type=int, default=defaults.eval_samples_per_class)
     p.add_argument("--eval_inference_steps", type=int, default=defaults.eval_inference_steps)
     p.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
+    p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=defaults.learn_sigma,
+                   help="DiT's learned variance with the hybrid loss (default); --no-learn_sigma: epsilon-MSE only.")
+    p.add_argument("--eval_sampler", choices=["ddpm", "ddim"], default=defaults.eval_sampler,
+                   help="ddpm: ancestral, as DiT evaluates (default); ddim: deterministic.")
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs).")

@@ -25,8 +25,8 @@ from .scheduling_speedit import SpeeDiTScheduler
 from .training import (
     compile_model,
     create_ema,
-    learned_variance_scheduler,
     mark_compiled_step,
+    sampling_scheduler,
     step_generator,
     training_step_loss,
 )
@@ -51,6 +51,8 @@ class ComparisonConfig:
     eval_samples_per_class: int = 50
     eval_inference_steps: int = 50
     guidance_scale: float = 1.0
+    learn_sigma: bool = True  # DiT's learned variance and hybrid loss; False: epsilon-MSE only
+    eval_sampler: str = "ddpm"  # "ddpm" (ancestral, DiT's evaluation) or "ddim"
     device: str = "cpu"
     mixed_precision: str = "no"  # "bf16" autocast on GPUs
     compile: bool = False  # torch.compile the training forward (GPUs: fuses DiT's small elementwise ops)
@@ -114,9 +116,9 @@ def load_decoder(config: ComparisonConfig, dataset: TrainingDataset):
 def generate(
     model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int, vae=None
 ):
-    pipeline = SpeeDiTPipeline(
-        transformer=model, scheduler=learned_variance_scheduler(scheduler, clip_sample=vae is None), vae=vae
-    ).to(config.device)
+    learned = model.config.out_channels == 2 * model.config.in_channels
+    sampler = sampling_scheduler(scheduler, config.eval_sampler, learned_variance=learned, clip_sample=vae is None)
+    pipeline = SpeeDiTPipeline(transformer=model, scheduler=sampler, vae=vae).to(config.device)
     pipeline.set_progress_bar_config(disable=True)
     labels = [c for c in range(num_classes) for _ in range(per_class)]
     generator = torch.Generator(device=config.device).manual_seed(10_000 + seed)
@@ -140,6 +142,7 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
         sample_size=size,
         in_channels=channels,
         num_classes=dataset.num_classes,
+        learn_sigma=config.learn_sigma,
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_attention_heads,

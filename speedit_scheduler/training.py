@@ -291,6 +291,20 @@ def learned_variance_scheduler(training_scheduler: SpeeDiTScheduler, clip_sample
     return _scheduler_like(DDPMScheduler, training_scheduler, variance_type="learned_range", clip_sample=clip_sample)
 
 
+def sampling_scheduler(
+    training_scheduler: SpeeDiTScheduler, sampler: str, learned_variance: bool, clip_sample: bool
+) -> DDPMScheduler | DDIMScheduler:
+    """A sampler with the training schedule: "ddpm" (ancestral, the model's learned variance or
+    the fixed posterior variance) or "ddim" (deterministic, eta = 0)."""
+    if sampler == "ddpm":
+        if learned_variance:
+            return learned_variance_scheduler(training_scheduler, clip_sample)
+        return _scheduler_like(DDPMScheduler, training_scheduler, variance_type="fixed_small", clip_sample=clip_sample)
+    if sampler == "ddim":
+        return _scheduler_like(DDIMScheduler, training_scheduler, clip_sample=clip_sample, set_alpha_to_one=False)
+    raise ValueError(f"sampler {sampler!r} is unknown: use ddpm or ddim.")
+
+
 def inference_scheduler(training_scheduler: SpeeDiTScheduler, latent: bool):
     """The scheduler saved with the pipeline.
 
