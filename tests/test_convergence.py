@@ -146,3 +146,35 @@ def test_compiled_training_follows_the_eager_run(monkeypatch):
         assert a["step"] == b["step"]
         assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * abs(a["train_loss"])
         assert abs(a["frechet_distance"] - b["frechet_distance"]) < 1e-3 * a["frechet_distance"]
+
+
+def test_ablation_options_fixed_variance_and_ddim():
+    """--no-learn_sigma trains epsilon-MSE only; --eval_sampler picks the evaluation sampler, with
+    the training schedule in every case."""
+    import pytest
+    import torch
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from speedit_scheduler import SpeeDiTScheduler
+    from speedit_scheduler.convergence import ClassifierMetric, ComparisonConfig, train_one
+    from speedit_scheduler.data import load_training_data
+    from speedit_scheduler.training import sampling_scheduler
+
+    training = SpeeDiTScheduler.from_preset("speed")
+    ddpm_fixed = sampling_scheduler(training, "ddpm", learned_variance=False, clip_sample=True)
+    ddpm_learned = sampling_scheduler(training, "ddpm", learned_variance=True, clip_sample=True)
+    ddim = sampling_scheduler(training, "ddim", learned_variance=True, clip_sample=False)
+    assert type(ddpm_fixed) is DDPMScheduler and ddpm_fixed.config.variance_type == "fixed_small"
+    assert ddpm_learned.config.variance_type == "learned_range"
+    assert type(ddim) is DDIMScheduler and not ddim.config.clip_sample and not ddim.config.set_alpha_to_one
+    for s in (ddpm_fixed, ddpm_learned, ddim):
+        torch.testing.assert_close(s.alphas_cumprod, training.alphas_cumprod)
+    with pytest.raises(ValueError, match="sampler 'euler' is unknown"):
+        sampling_scheduler(training, "euler", learned_variance=True, clip_sample=True)
+
+    dataset = load_training_data("digits", None)
+    config = ComparisonConfig(num_layers=1, hidden_size=32, num_attention_heads=2, batch_size=8, max_steps=2,
+                              eval_every=2, eval_samples_per_class=1, eval_inference_steps=3, learn_sigma=False,
+                              eval_sampler="ddim", guidance_scale=1.5)  # fmt: skip
+    (h,) = train_one("speed", 0, config, dataset, ClassifierMetric(dataset))["history"]
+    assert h["step"] == 2 and h["frechet_distance"] > 0 and 0 <= h["accuracy"] <= 1 and math.isfinite(h["train_loss"])
