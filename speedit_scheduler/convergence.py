@@ -351,5 +351,7 @@ def write_report(runs: list[dict], config: ComparisonConfig, output_dir: str, co
         f.write(f"Command: `{command}`\n\n{table}")
     plot(runs, metrics, os.path.join(output_dir, "convergence.png"),
          f"{config.train_data}: DiT {config.model} ({config.num_layers or 'preset'} layers, width "
-         f"{config.hidden_size or 'preset'}), batch {config.batch_size}, seeds {config.seeds}")
+         f"{config.hidden_size or 'preset'}), batch {config.batch_size}, seeds {config.seeds}, "
+         f"{'hybrid loss' if config.learn_sigma else 'epsilon-MSE'}, {config.eval_sampler.upper()}-"
+         f"{config.eval_inference_steps}, guidance {config.guidance_scale:g}")
     print(table)
