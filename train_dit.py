@@ -318,8 +318,7 @@ def main(args: argparse.Namespace) -> str:
     if ema is not None:
         ema.to(device)
         accelerator.register_for_checkpointing(ema)
-    compiled = args.compile or args.compile_mode is not None
-    if compiled:
+    if args.compile or args.compile_mode is not None:
         model = compile_model(model, args.compile_mode)
 
     global_step = 0
@@ -378,8 +377,7 @@ def main(args: argparse.Namespace) -> str:
             data_generator(args.seed, accelerator.process_index, micro_step),
             device=device,
         )
-        if compiled:
-            mark_compiled_step(args.compile_mode)
+        mark_compiled_step(args.compile_mode)
         run_trainer_step(accelerator, step_state, batch["samples"], batch["class_labels"], micro_step, global_step)
         micro_step += 1
         if not accelerator.sync_gradients:

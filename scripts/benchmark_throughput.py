@@ -164,12 +164,16 @@ def default_precision(args: argparse.Namespace) -> str:
 # --------------------------------------------------------------------------------------------
 # printing
 # --------------------------------------------------------------------------------------------
+def compile_label(row: dict) -> str:
+    """on / off, or the compile mode when one was given."""
+    return (row.get("compile_mode") or "on") if row.get("compile") else "off"
+
+
 def format_row(row: dict) -> str:
     on = {True: "on", False: "off"}
     head = (
         f"{row['model']} batch {row['batch_size']} {row['precision']} attention={row['attention']} "
-        f"compile={on[row['compile']] if not row.get('compile_mode') else row['compile_mode']} "
-        f"checkpointing={on[row['gradient_checkpointing']]}"
+        f"compile={compile_label(row)} checkpointing={on[row['gradient_checkpointing']]}"
     )
     if row.get("status") != "ok":
         return f"{head}: {row.get('status')}"
@@ -233,7 +237,7 @@ def markdown_table(rows: list[dict]) -> str:
         return fmt.format(value)
 
     lines = ["| " + " | ".join(c[0] for c in COLUMNS) + " |", "|" + " --- |" * len(COLUMNS)]
-    shown = [{**row, "compile": row["compile_mode"]} if row.get("compile") and row.get("compile_mode") else row for row in rows]
+    shown = [{**row, "compile": compile_label(row)} for row in rows]
     lines += ["| " + " | ".join(cell(row.get(key), fmt) for _, key, fmt in COLUMNS) + " |" for row in shown]
     return "\n".join(lines)
 

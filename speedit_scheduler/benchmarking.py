@@ -28,9 +28,9 @@ from .losses import DiTLoss
 from .models import create_dit, dit_config, disable_internal_label_dropout, null_class_label
 from .scheduling_speedit import PRESETS, SpeeDiTScheduler
 from .training import (
-    COMPILE_MODES,
     TimestepQuartileLoss,
     TrainerStepState,
+    check_compile_mode,
     compile_model,
     create_ema,
     mark_compiled_step,
@@ -136,11 +136,7 @@ def validate_config(config: BenchmarkConfig, device: torch.device) -> dict:
         raise ValueError("--clock process measures CPU time: use it with --device cpu, or --clock wall on a GPU.")
     if config.speedit not in PRESETS:
         raise ValueError(f"--speedit {config.speedit!r} is unknown: choose one of {', '.join(PRESETS)}.")
-    if config.compile_mode is not None:
-        if config.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"--compile_mode {config.compile_mode!r} is unknown: choose one of {', '.join(COMPILE_MODES)}.")
-        if config.compile_backend != "inductor":
-            raise ValueError(f"--compile_mode is inductor's: drop it or use --compile_backend inductor, not {config.compile_backend!r}.")
+    check_compile_mode(config.compile_mode, config.compile_backend)
     if config.attention == "xformers" and config.compile:
         raise ValueError("--attention xformers cannot be traced by --compile: use --attention sdpa with --compile.")
     if device.type == "cpu":
@@ -431,8 +427,7 @@ class TrainingBenchmark:
         self.state.model = model
 
     def trainer_step(self) -> None:
-        if self.state.model is not self.prepared_model:
-            mark_compiled_step(self.config.compile_mode)
+        mark_compiled_step(self.config.compile_mode if self.state.model is not self.prepared_model else None)
         with _attention_context(self.attention):
             run_trainer_step(self.accelerator, self.state, self.x_start, self.labels, self.micro_step, self.micro_step)
         self.micro_step += 1

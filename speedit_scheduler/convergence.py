@@ -168,8 +168,7 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
     for step in range(1, config.max_steps + 1):
         batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
         generator = step_generator(seed, 0, step - 1, device)
-        if compiled:
-            mark_compiled_step(config.compile_mode)
+        mark_compiled_step(config.compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
                 train_model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
@@ -234,8 +233,7 @@ def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]
 def runs_from_progress(*paths: str) -> list[dict]:
     """Rebuild runs from progress files (several: runs made in different sessions), cut to the
     evaluation steps that every run reached. Runs that stopped before the furthest run's last
-    evaluation (a comparison cut short) are left out, with a note on stderr, unless that would
-    leave none."""
+    evaluation (a comparison cut short) are left out, with a note on stderr."""
     runs: dict[tuple[str, int], dict[int, dict]] = {}
     for path in paths:
         with open(path) as f:

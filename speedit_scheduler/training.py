@@ -58,14 +58,21 @@ def training_step_loss(
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def check_compile_mode(mode: str | None, backend: str = "inductor") -> None:
+    """One-line errors for a compile mode that torch.compile would refuse only when first called."""
+    if mode is None:
+        return
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"--compile_mode {mode!r} is unknown: choose one of {', '.join(COMPILE_MODES)}.")
+    if backend != "inductor":
+        raise ValueError(f"--compile_mode is inductor's: drop it or use --compile_backend inductor, not {backend!r}.")
+
+
 def compile_model(model: torch.nn.Module, mode: str | None = None, backend: str = "inductor") -> torch.nn.Module:
     """`torch.compile` for training. `mode` is inductor's: "reduce-overhead" and "max-autotune"
     also capture CUDA graphs, which removes the per-kernel launch cost of small models (call
-    `mark_compiled_step()` before every step then)."""
-    if mode is not None and mode not in COMPILE_MODES:
-        raise ValueError(f"compile mode {mode!r} is unknown: choose one of {', '.join(COMPILE_MODES)}.")
-    if mode is not None and backend != "inductor":
-        raise ValueError(f"compile mode {mode!r} is inductor's: drop the mode or use the inductor backend, not {backend!r}.")
+    `mark_compiled_step(mode)` before every step then)."""
+    check_compile_mode(mode, backend)
     return torch.compile(model, mode=mode) if mode is not None else torch.compile(model, backend=backend)
 
 
@@ -75,7 +82,7 @@ def uses_cuda_graphs(mode: str | None) -> bool:
 
 def mark_compiled_step(mode: str | None) -> None:
     """Tell CUDA graph trees that a new training step begins, so that the previous step's graph
-    outputs may be overwritten."""
+    outputs may be overwritten. A no-op for eager models and modes without CUDA graphs."""
     if uses_cuda_graphs(mode):
         torch.compiler.cudagraph_mark_step_begin()
 
