@@ -40,7 +40,8 @@ from speedit_scheduler.training import COMPILE_MODES  # noqa: E402
 def parse_args(argv=None):
     defaults = ComparisonConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=defaults.presets, choices=sorted(PRESETS))
+    p.add_argument("--presets", nargs="+", default=defaults.presets, choices=sorted(PRESETS),
+                   help="Speed-ups are against 'uniform'; without it, merge a uniform run later with --from_progress.")
     p.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
     p.add_argument("--train_data", default=defaults.train_data,
                    help="'digits', an .npz of images and labels, or a latents folder from scripts/extract_latents.py.")
@@ -75,8 +76,6 @@ def parse_args(argv=None):
     p.add_argument("--from_progress", nargs="+", default=None,
                    help="Only rebuild the report from progress.jsonl files (several: runs made separately).")
     args = p.parse_args(argv)
-    if "uniform" not in args.presets:
-        p.error("--presets must include 'uniform', the baseline of the speed-up.")
     if args.eval_every < 1 or args.max_steps < args.eval_every:
         p.error(f"--eval_every {args.eval_every} must lie in [1, --max_steps {args.max_steps}].")
     if args.train_data != "digits" and not os.path.exists(args.train_data):

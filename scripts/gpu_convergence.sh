@@ -5,9 +5,10 @@
 # patch 2: 256 tokens, the sequence length of DiT-XL/2 on ImageNet latents), 10,000 steps per
 # run, the (preset, seed) runs one after another in one process, seed-major. A compiled S/2 step
 # is bound by the host at about 45 ms on an H100 (2026-11-27), and several processes on one GPU
-# time-slice it badly (2026-11-26), so the runs use inductor's "reduce-overhead" mode: CUDA
-# graphs, one launch per graph instead of one per kernel. If that mode fails before the first
-# evaluation, the script falls back to plain --compile for the time left. Writes to $OUT (default
+# time-slice it badly (2026-11-26), so the runs compile the model and the loss as one graph in
+# inductor's "reduce-overhead" mode: CUDA graphs, one launch for the forward pass and one for the
+# backward instead of one per kernel. If that mode fails before the first evaluation, the script
+# falls back to plain --compile for the time left. Writes to $OUT (default
 # ./convergence-gpu): progress.jsonl (one line per evaluation, kept if the run is cut short),
 # results.json, table.md, convergence.png and log.txt. Runs cut short are left out of the report;
 # progress files of several sessions merge with `compare_convergence.py --from_progress A B`.
@@ -39,6 +40,8 @@ BUDGET="${SPEEDIT_CONV_BUDGET_S:-540}"
 START=$(date +%s)
 # offline settings, $PY, say, and diffusers from .whl/ when the image lacks it
 source scripts/gpu_env.sh
+# the log says why a graph was recompiled or ran without CUDA graphs
+export TORCH_LOGS="${TORCH_LOGS:-recompiles,perf_hints}"
 
 if [ "$DRY" = "1" ]; then
     MODEL=(--num_layers 1 --hidden_size 32 --num_attention_heads 2)

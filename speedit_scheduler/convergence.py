@@ -23,6 +23,7 @@ from .models import create_dit, disable_internal_label_dropout, null_class_label
 from .pipeline_speedit import SpeeDiTPipeline
 from .scheduling_speedit import SpeeDiTScheduler
 from .training import (
+    ModelWithLoss,
     compile_model,
     create_ema,
     mark_compiled_step,
@@ -132,6 +133,25 @@ def generate(
     return images.float().cpu(), labels
 
 
+_compiled_modules: dict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = {}
+
+
+def _compiled_training_module(model, loss_fn: DiTLoss, device: torch.device, mode: str | None):
+    """`(model, compiled ModelWithLoss of it)`, one pair per architecture, schedule and mode in
+    a process: a later run copies its initial weights into the first run's model, in place, and
+    so reuses the compiled graphs and recorded CUDA graphs (the same parameter addresses)
+    instead of compiling again (about 20-60 s a run)."""
+    key = (json.dumps(dict(model.config), sort_keys=True, default=str), loss_fn.tables["log_betas"].numpy().tobytes(),
+           str(device), mode)  # fmt: skip
+    if key not in _compiled_modules:
+        _compiled_modules[key] = (model, compile_model(ModelWithLoss(model, loss_fn, device), mode))
+        return _compiled_modules[key]
+    cached_model, model_with_loss = _compiled_modules[key]
+    cached_model.load_state_dict(model.state_dict())
+    cached_model.zero_grad(set_to_none=True)
+    return cached_model, model_with_loss
+
+
 def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: TrainingDataset, metric, vae=None) -> dict:
     """Train one preset from seed `seed`'s initialisation and evaluate its EMA at fixed steps."""
     device = torch.device(config.device)
@@ -150,6 +170,9 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
     disable_internal_label_dropout(model).to(device).train()
     scheduler = SpeeDiTScheduler.from_preset(preset)
     loss_fn = DiTLoss(scheduler)
+    model_with_loss = None
+    if config.compile or config.compile_mode is not None:
+        model, model_with_loss = _compiled_training_module(model, loss_fn, device, config.compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
     ema = create_ema(model, config.ema_decay)
     ema.to(device)
@@ -161,24 +184,24 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
         dataset.samples, dataset.labels = dataset.samples.to(device), dataset.labels.to(device)
     use_bf16 = config.mixed_precision == "bf16"
     torch.backends.cuda.matmul.allow_tf32 = True
-    compiled = config.compile or config.compile_mode is not None
-    train_model = compile_model(model, config.compile_mode) if compiled else model  # shares `model`'s parameters
 
-    history, losses, start = [], [], time.perf_counter()
+    history, start = [], time.perf_counter()
+    loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: no sync per step
     for step in range(1, config.max_steps + 1):
         batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
         generator = step_generator(seed, 0, step - 1, device)
         mark_compiled_step(config.compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
-                train_model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
-                config.class_dropout_prob, null_label,
+                model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
+                config.class_dropout_prob, null_label, model_with_loss,
             )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema.step(model.parameters())
-        losses.append(out.loss.detach())
+        loss_sum += out.loss.detach().float()
+        loss_count += 1
         if step % 100 == 0 and step % config.eval_every:
             rate = step / (time.perf_counter() - start)
             print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s", flush=True)
@@ -188,8 +211,9 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
                 eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed, vae
             )
             values = metric(images, labels)
-            loss = torch.stack(losses).float().mean().item()
-            losses = []
+            loss = (loss_sum / loss_count).item()
+            loss_sum.zero_()
+            loss_count = 0
             history.append({"step": step, "train_loss": loss, "seconds": time.perf_counter() - start, **values})
             if config.progress_path:
                 with open(config.progress_path, "a") as f:
@@ -287,15 +311,14 @@ def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float, lower_i
 
 def speedup_table(runs: list[dict], key: str, baseline: str = "uniform", lower_is_better: bool = True) -> list[dict]:
     """For every preset and evaluation step: its mean quality, and the speed-up = steps the
-    baseline needs to reach that quality / steps the preset needed (inf: baseline never does)."""
+    baseline needs to reach that quality / steps the preset needed (inf: baseline never does;
+    nan: the baseline was not run, as in a session that adds presets to merge later)."""
     curves = mean_curves(runs, key)
-    if baseline not in curves:
-        raise ValueError(f"the baseline preset {baseline!r} was not run: add it to --presets.")
-    base = curves[baseline]
+    base = curves.get(baseline)
     rows = []
     for preset, curve in curves.items():
         for step, mean, std in zip(curve["steps"], curve["mean"], curve["std"]):
-            needed = steps_to_reach(base["steps"], base["mean"], mean, lower_is_better)
+            needed = steps_to_reach(base["steps"], base["mean"], mean, lower_is_better) if base else math.nan
             rows.append({"preset": preset, "step": int(step), "mean": float(mean), "std": float(std),
                          "baseline_steps": needed, "speedup": needed / float(step)})
     return rows
@@ -311,7 +334,10 @@ def markdown_table(runs: list[dict], metrics: list[str], baseline: str = "unifor
     for row in rows:
         i = list(secondary[metrics[1]][row["preset"]]["steps"]).index(row["step"]) if metrics[1:] else 0
         extra = " | ".join(f"{secondary[m][row['preset']]['mean'][i]:.3f}" for m in metrics[1:])
-        speedup = "baseline never reaches it" if math.isinf(row["speedup"]) else f"{row['speedup']:.2f}x"
+        if math.isnan(row["speedup"]):
+            speedup = f"no {baseline} run: merge one with --from_progress"
+        else:
+            speedup = "baseline never reaches it" if math.isinf(row["speedup"]) else f"{row['speedup']:.2f}x"
         lines.append(
             f"| {row['preset']} | {row['step']} | {row['mean']:.3f} ± {row['std']:.3f} | {extra} | {speedup} |"
         )

@@ -86,11 +86,15 @@ class DiTLoss:
         }
         self._device_tables: dict[tuple[str, torch.dtype], dict[str, torch.Tensor]] = {}
 
-    def _table(self, name: str, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        key = (str(like.device), like.dtype)
+    def tables_on(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The schedule tables on `device` in `dtype`, made once and cached."""
+        key = (str(torch.device(device)), dtype)
         if key not in self._device_tables:
-            self._device_tables[key] = {k: v.to(like.device, like.dtype) for k, v in self.tables.items()}
-        values = self._device_tables[key][name][timesteps]
+            self._device_tables[key] = {k: v.to(device, dtype) for k, v in self.tables.items()}
+        return self._device_tables[key]
+
+    def _table(self, name: str, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        values = self.tables_on(like.device, like.dtype)[name][timesteps]
         return values.view(-1, *([1] * (like.ndim - 1)))
 
     def __call__(

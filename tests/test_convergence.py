@@ -116,12 +116,15 @@ def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
 
 
 def test_compiled_training_follows_the_eager_run(monkeypatch):
-    """--compile trains the very parameters that the EMA and the evaluation read: with dynamo's
-    eager backend (the same kernels), the compiled run's losses and samples match the eager run's."""
+    """--compile trains (as one graph of model and loss) the very parameters that the EMA and the
+    evaluation read, and a second run reuses the first run's compiled module from its own fresh
+    initialisation: with dynamo's eager backend (the same kernels), each compiled run's losses and
+    samples match its eager run's, and there is one compilation for both."""
     import dataclasses
 
     import torch
 
+    import speedit_scheduler.convergence as convergence
     from speedit_scheduler.convergence import ClassifierMetric, ComparisonConfig, train_one
     from speedit_scheduler.data import load_training_data
 
@@ -130,7 +133,8 @@ def test_compiled_training_follows_the_eager_run(monkeypatch):
     config = ComparisonConfig(presets=["speed"], seeds=[0], num_layers=1, hidden_size=32, num_attention_heads=2,
                               batch_size=8, max_steps=4, eval_every=2, eval_samples_per_class=1,
                               eval_inference_steps=2)  # fmt: skip
-    eager = train_one("speed", 0, config, dataset, metric)
+    runs = [("speed", 0), ("uniform", 1)]
+    eager = [train_one(preset, seed, config, dataset, metric) for preset, seed in runs]
     calls = []
     real_compile = torch.compile
 
@@ -139,13 +143,17 @@ def test_compiled_training_follows_the_eager_run(monkeypatch):
         return real_compile(model, backend="eager")
 
     monkeypatch.setattr(torch, "compile", compile_eagerly)
+    monkeypatch.setattr(convergence, "_compiled_modules", {})
     torch._dynamo.reset()
-    compiled = train_one("speed", 0, dataclasses.replace(config, compile=True), dataset, metric)
-    assert calls == [("DiTTransformer2DModel", "inductor", None)]
-    for a, b in zip(eager["history"], compiled["history"]):
-        assert a["step"] == b["step"]
-        assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * abs(a["train_loss"])
-        assert abs(a["frechet_distance"] - b["frechet_distance"]) < 1e-3 * a["frechet_distance"]
+    compiled_config = dataclasses.replace(config, compile=True)
+    compiled = [train_one(preset, seed, compiled_config, dataset, metric) for preset, seed in runs]
+    assert calls == [("ModelWithLoss", "inductor", None)]
+    for eager_run, compiled_run in zip(eager, compiled):
+        for a, b in zip(eager_run["history"], compiled_run["history"], strict=True):
+            assert a["step"] == b["step"]
+            assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * abs(a["train_loss"])
+            assert abs(a["frechet_distance"] - b["frechet_distance"]) < 1e-3 * a["frechet_distance"]
+    assert eager[0]["history"][-1]["train_loss"] != eager[1]["history"][-1]["train_loss"]
 
 
 def test_ablation_options_fixed_variance_and_ddim():
@@ -178,3 +186,21 @@ def test_ablation_options_fixed_variance_and_ddim():
                               eval_sampler="ddim", guidance_scale=1.5)  # fmt: skip
     (h,) = train_one("speed", 0, config, dataset, ClassifierMetric(dataset))["history"]
     assert h["step"] == 2 and h["frechet_distance"] > 0 and 0 <= h["accuracy"] <= 1 and math.isfinite(h["train_loss"])
+
+
+def test_presets_run_without_uniform_get_their_speedup_once_merged(tmp_path):
+    """A session may add presets to an earlier comparison: without a uniform run the table says
+    so; merged with the uniform run's progress file, the speed-up is filled in."""
+    from speedit_scheduler.convergence import markdown_table
+
+    def line(preset, seed, step, fd):
+        return json.dumps({"preset": preset, "seed": seed, "step": step, "train_loss": 0.1, "frechet_distance": fd})
+
+    earlier = tmp_path / "a.jsonl"
+    earlier.write_text("\n".join(line("uniform", 0, s, 100.0 / s) for s in (100, 200, 400)) + "\n")
+    added = tmp_path / "b.jsonl"
+    added.write_text("\n".join(line("speedit-v1", 0, s, 50.0 / s) for s in (100, 200, 400)) + "\n")
+    alone = markdown_table(runs_from_progress(str(added)), ["frechet_distance"])
+    assert alone.count("no uniform run: merge one with --from_progress") == 3
+    rows = {(r["preset"], r["step"]): r for r in speedup_table(runs_from_progress(str(earlier), str(added)), "frechet_distance")}
+    assert rows[("speedit-v1", 100)]["speedup"] == 2.0 and rows[("speedit-v1", 200)]["speedup"] == 2.0

@@ -152,3 +152,42 @@ def test_float32_matches_float64():
     r32 = loss(output.float(), x0.float(), xt.float(), noise.float(), t)
     assert r32.loss.dtype == torch.float32
     assert r32.loss.item() == pytest.approx(r64.loss.item(), rel=1e-4)
+
+
+def test_model_with_loss_is_the_same_step_in_one_graph():
+    """`ModelWithLoss` (what compiled comparisons run) gives the very loss, per-sample MSE and
+    gradients of the separate forward pass and loss, and dynamo traces it as one graph with no
+    break, in float32 and under bf16 autocast: the condition for one CUDA graph per pass."""
+    import copy
+
+    from speedit_scheduler.models import create_dit, disable_internal_label_dropout
+    from speedit_scheduler.training import ModelWithLoss, training_step_loss
+
+    scheduler = SpeeDiTScheduler.from_preset("speed")
+    loss_fn = DiTLoss(scheduler)
+    model = create_dit("S/2", seed=0, sample_size=8, in_channels=1, num_classes=10, learn_sigma=True,
+                       num_layers=1, hidden_size=32, num_attention_heads=2)  # fmt: skip
+    disable_internal_label_dropout(model)
+    fused_model = copy.deepcopy(model)
+    fused = ModelWithLoss(fused_model, loss_fn, "cpu")
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    labels = torch.tensor([0, 1, 2, 3, 4, 5])
+    separate = training_step_loss(model, scheduler, loss_fn, x0, labels, torch.Generator().manual_seed(3), 0.5, 10)
+    joint = training_step_loss(model, scheduler, loss_fn, x0, labels, torch.Generator().manual_seed(3), 0.5, 10,
+                               model_with_loss=fused)  # fmt: skip
+    assert torch.equal(separate.timesteps, joint.timesteps)
+    torch.testing.assert_close(joint.loss, separate.loss, rtol=0, atol=0)
+    torch.testing.assert_close(joint.mse, separate.mse, rtol=0, atol=0)
+    separate.loss.backward()
+    joint.loss.backward()
+    for (name, p), q in zip(model.named_parameters(), fused_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=0, atol=0, msg=name)
+
+    t, w = scheduler.sample_timesteps(6, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn_like(x0)
+    inputs = (x0, scheduler.add_noise(x0, noise, t), noise, t, w, labels)
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            explained = torch._dynamo.explain(fused)(*inputs)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    assert all(hasattr(table, "_dynamo_static_input_type") for table in loss_fn.tables_on("cpu", torch.float32).values())
