@@ -88,7 +88,11 @@ class DiTLoss:
 
     def tables_on(self, device: torch.device | str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The schedule tables on `device` in `dtype`, made once and cached."""
-        key = (str(torch.device(device)), dtype)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # the key tensors' devices give inside the compiled graph ("cuda:0"), not "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = (str(device), dtype)
         if key not in self._device_tables:
             self._device_tables[key] = {k: v.to(device, dtype) for k, v in self.tables.items()}
         return self._device_tables[key]
