@@ -67,7 +67,7 @@ run_compare() {
     local limit="$1"; shift
     say "python scripts/compare_convergence.py ${ARGS[*]} $*"
     timeout --signal=INT --kill-after=20 "$limit" "$PY" scripts/compare_convergence.py "${ARGS[@]}" "$@" 2>&1 \
-        | grep --line-buffered -v "Warning\|warn(" | tee -a "$LOG"
+        | grep --line-buffered -v "Warning\|warn(\|possibly bad tiling" | tee -a "$LOG"
     return "${PIPESTATUS[0]}"
 }
 run_compare "$BUDGET" "${COMPILE[@]}"

@@ -186,6 +186,7 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
     torch.backends.cuda.matmul.allow_tf32 = True
 
     history, start = [], time.perf_counter()
+    since = (0, start)  # (step, time) of the last rate report or evaluation
     loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: no sync per step
     for step in range(1, config.max_steps + 1):
         batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
@@ -203,9 +204,14 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
         loss_sum += out.loss.detach().float()
         loss_count += 1
         if step % 100 == 0 and step % config.eval_every:
-            rate = step / (time.perf_counter() - start)
-            print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s", flush=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # every 100 steps: the rate is the GPU's, not the queue's
+            now = time.perf_counter()
+            rate = (step - since[0]) / (now - since[1])
+            print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s since step {since[0]}", flush=True)
+            since = (step, now)
         if step % config.eval_every == 0 or step == config.max_steps:
+            eval_start = time.perf_counter()
             ema.copy_to(eval_model.parameters())
             images, labels = generate(
                 eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed, vae
@@ -214,11 +220,14 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
             loss = (loss_sum / loss_count).item()
             loss_sum.zero_()
             loss_count = 0
-            history.append({"step": step, "train_loss": loss, "seconds": time.perf_counter() - start, **values})
+            now = time.perf_counter()
+            history.append({"step": step, "train_loss": loss, "seconds": now - start, "eval_seconds": now - eval_start,
+                            **values})  # fmt: skip
             if config.progress_path:
                 with open(config.progress_path, "a") as f:
                     f.write(json.dumps({"preset": preset, "seed": seed, **history[-1]}) + "\n")
             print(f"[{preset} seed {seed}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "step"), flush=True)
+            since = (step, time.perf_counter())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{preset} seed {seed}: loss became NaN or inf before step {step}.")
     return {"preset": preset, "seed": seed, "history": history}
