@@ -90,7 +90,7 @@ class DiTLoss:
         """The schedule tables on `device` in `dtype`, made once and cached."""
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
-            # the key tensors' devices give inside the compiled graph ("cuda:0"), not "cuda"
+            # tensors report "cuda:0": one key for both, or a compiled graph builds its own copy
             device = torch.device("cuda", torch.cuda.current_device())
         key = (str(device), dtype)
         if key not in self._device_tables:
