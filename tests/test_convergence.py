@@ -63,6 +63,7 @@ def test_shortened_comparison_end_to_end(tmp_path):
         assert [h["step"] for h in run["history"]] == [3, 6]
         for h in run["history"]:
             assert h["frechet_distance"] >= 0 and 0 <= h["accuracy"] <= 1 and math.isfinite(h["train_loss"])
+            assert all(h[f"mse_t_q{q}"] > 0 for q in (1, 2, 3, 4)) and h["eval_seconds"] > 0
     # The same initialisation and data: both presets start from identical weights, so their first
     # losses differ only through timesteps and weights, and the table reports both.
     table = (out / "table.md").read_text()
@@ -204,3 +205,37 @@ def test_presets_run_without_uniform_get_their_speedup_once_merged(tmp_path):
     assert alone.count("no uniform run: merge one with --from_progress") == 3
     rows = {(r["preset"], r["step"]): r for r in speedup_table(runs_from_progress(str(earlier), str(added)), "frechet_distance")}
     assert rows[("speedit-v1", 100)]["speedup"] == 2.0 and rows[("speedit-v1", 200)]["speedup"] == 2.0
+
+
+def test_denoising_error_by_region():
+    """Per quarter of [0, T): a model that predicts zero noise has epsilon-MSE E[noise^2] = 1 in
+    every quarter; one that predicts the true noise, 0. Timesteps and noise are fixed, so two
+    calls agree exactly."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from speedit_scheduler import SpeeDiTScheduler
+    from speedit_scheduler.convergence import denoising_error_by_region
+    from speedit_scheduler.data import load_training_data
+
+    dataset = load_training_data("digits", None)
+    scheduler = SpeeDiTScheduler.from_preset("speed")
+
+    def zero_model(x_t, timestep, class_labels):
+        return SimpleNamespace(sample=torch.zeros(x_t.shape[0], 2 * x_t.shape[1], *x_t.shape[2:]))
+
+    errors = denoising_error_by_region(zero_model, scheduler, dataset, torch.device("cpu"), num_samples=400)
+    assert list(errors) == ["mse_t_q1", "mse_t_q2", "mse_t_q3", "mse_t_q4"]
+    assert all(abs(v - 1.0) < 0.05 for v in errors.values()), errors  # 100 x 64 noise values each
+    assert errors == denoising_error_by_region(zero_model, scheduler, dataset, torch.device("cpu"), num_samples=400)
+
+    x0 = dataset.get_batch(torch.arange(400))["samples"]
+    abar = scheduler.alphas_cumprod
+
+    def oracle(x_t, timestep, class_labels):  # inverts add_noise with the known clean samples
+        a = abar[timestep].view(-1, 1, 1, 1)
+        return SimpleNamespace(sample=(x_t - a.sqrt() * x0) / (1 - a).sqrt())
+
+    exact = denoising_error_by_region(oracle, scheduler, dataset, torch.device("cpu"), num_samples=400)
+    assert all(v < 1e-6 for v in exact.values()), exact
