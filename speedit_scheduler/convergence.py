@@ -24,6 +24,7 @@ from .pipeline_speedit import SpeeDiTPipeline
 from .scheduling_speedit import SpeeDiTScheduler
 from .training import (
     ModelWithLoss,
+    TimestepQuartileLoss,
     compile_model,
     create_ema,
     mark_compiled_step,
@@ -151,8 +152,9 @@ def denoising_error_by_region(
     x_t = scheduler.add_noise(x_start, noise, timesteps)
     output = model(x_t, timestep=timesteps, class_labels=labels).sample
     mse = ((output[:, : x_start.shape[1]].float() - noise) ** 2).flatten(1).mean(1)
-    region = (timesteps * 4 // steps).cpu()
-    return {f"mse_t_q{q + 1}": mse[region == q].mean().item() for q in range(4)}
+    quarters = TimestepQuartileLoss(steps, device)  # the trainer's per-quarter bookkeeping
+    quarters.update(mse, timesteps)
+    return {name.removeprefix("loss/"): value for name, value in quarters.read_and_reset().items()}
 
 
 _compiled_modules: dict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = {}

@@ -50,9 +50,13 @@ class ModelWithLoss(torch.nn.Module):
             torch._dynamo.mark_static_address(table)
 
     def forward(self, x_start, x_t, noise, timesteps, weights, class_labels) -> tuple[torch.Tensor, torch.Tensor]:
-        model_output = self.model(x_t, timestep=timesteps, class_labels=class_labels).sample
-        out = self.loss_fn(model_output, x_start, x_t, noise, timesteps, weights)
+        out = _forward_and_loss(self.model, self.loss_fn, x_start, x_t, noise, timesteps, weights, class_labels)
         return out.loss, out.mse
+
+
+def _forward_and_loss(model, loss_fn: DiTLoss, x_start, x_t, noise, timesteps, weights, class_labels):
+    model_output = model(x_t, timestep=timesteps, class_labels=class_labels).sample
+    return loss_fn(model_output, x_start, x_t, noise, timesteps, weights)
 
 
 def training_step_loss(
@@ -79,8 +83,7 @@ def training_step_loss(
         loss, mse = model_with_loss(x_start, x_t, noise, timesteps, weights, labels)
         # a CUDA graph's output lives until the next replay: keep a copy
         return TrainingStepOutput(loss=loss, mse=mse.detach().clone(), timesteps=timesteps)
-    model_output = model(x_t, timestep=timesteps, class_labels=labels).sample
-    out = loss_fn(model_output, x_start, x_t, noise, timesteps, weights)
+    out = _forward_and_loss(model, loss_fn, x_start, x_t, noise, timesteps, weights, labels)
     return TrainingStepOutput(loss=out.loss, mse=out.mse.detach(), timesteps=timesteps)
 
 
