@@ -8,11 +8,12 @@
 # time-slice it badly (2026-11-26), so the runs compile the model and the loss as one graph in
 # inductor's "reduce-overhead" mode: CUDA graphs, one launch for the forward pass and one for the
 # backward instead of one per kernel. If that mode fails before the first evaluation, the script
-# falls back to plain --compile for the time left. Measured on an H200 (2026-11-27): 12.7 ms per
-# step with CUDA graphs (36.7 ms without), so a 10,000-step run with 10 evaluations takes about
-# 165 s, plus about 45 s of compilation in a fresh machine's first run: within one session's 15
-# device minutes, run SPEEDIT_CONV_SEEDS=0, then at once (machine still warm)
-# SPEEDIT_CONV_SEEDS=1, and merge the two progress files. Writes to $OUT (default
+# falls back to plain --compile for the time left. Measured on an H200 (2026-11-27): 13 ms per
+# step with CUDA graphs (37 ms without), so a 10,000-step run with 10 evaluations takes about
+# 175 s, plus about 50 s of compilation in a fresh machine's first run. The reported comparison
+# (docs/convergence.md, Result 2) ran within one session's 15 device minutes as two calls,
+# SPEEDIT_CONV_SEEDS=0 (445 s) and at once after it, machine still warm, SPEEDIT_CONV_SEEDS=1
+# (391 s), merged with `compare_convergence.py --from_progress`. Writes to $OUT (default
 # ./convergence-gpu): progress.jsonl (one line per evaluation, kept if the run is cut short),
 # results.json, table.md, convergence.png and log.txt. Runs cut short are left out of the report;
 # progress files of several sessions merge with `compare_convergence.py --from_progress A B`.
@@ -23,8 +24,8 @@
 # Settings (environment): SPEEDIT_CONV_PRESETS (default "uniform speed"),
 # SPEEDIT_CONV_SEEDS ("0 1"), SPEEDIT_CONV_STEPS (10000), SPEEDIT_CONV_BATCH (64),
 # SPEEDIT_CONV_EVAL_EVERY (1000), SPEEDIT_CONV_COMPILE_MODE (reduce-overhead), SPEEDIT_CONV_BUDGET_S
-# (540: the whole comparison is stopped then, and the report is rebuilt from the runs that
-# finished).
+# (540, sized for one device call: the whole comparison is stopped then, and the report is
+# rebuilt from the runs that finished; give 1800 for both seeds in one go).
 set -uo pipefail
 
 cd "$(dirname "$0")/.."

@@ -346,15 +346,19 @@ def steps_to_reach(steps: np.ndarray, values: np.ndarray, target: float, lower_i
 def speedup_table(runs: list[dict], key: str, baseline: str = "uniform", lower_is_better: bool = True) -> list[dict]:
     """For every preset and evaluation step: its mean quality, and the speed-up = steps the
     baseline needs to reach that quality / steps the preset needed (inf: baseline never does;
-    nan: the baseline was not run, as in a session that adds presets to merge later)."""
+    nan: the baseline was not run, as in a session that adds presets to merge later).
+    `upper_bound` marks a quality the baseline already beat at its first evaluation: it got
+    there at some unmeasured earlier step, so the speed-up is at most the value given."""
     curves = mean_curves(runs, key)
     base = curves.get(baseline)
     rows = []
     for preset, curve in curves.items():
         for step, mean, std in zip(curve["steps"], curve["mean"], curve["std"]):
             needed = steps_to_reach(base["steps"], base["mean"], mean, lower_is_better) if base else math.nan
+            first = base["mean"][0] if base else math.nan
+            upper_bound = bool(first < mean if lower_is_better else first > mean)
             rows.append({"preset": preset, "step": int(step), "mean": float(mean), "std": float(std),
-                         "baseline_steps": needed, "speedup": needed / float(step)})
+                         "baseline_steps": needed, "speedup": needed / float(step), "upper_bound": upper_bound})
     return rows
 
 
@@ -372,6 +376,8 @@ def markdown_table(runs: list[dict], metrics: list[str], baseline: str = "unifor
             speedup = f"no {baseline} run: merge one with --from_progress"
         else:
             speedup = "baseline never reaches it" if math.isinf(row["speedup"]) else f"{row['speedup']:.2f}x"
+            if row["upper_bound"]:
+                speedup = f"<= {speedup} ({baseline} was better at its first evaluation)"
         lines.append(
             f"| {row['preset']} | {row['step']} | {row['mean']:.3f} ± {row['std']:.3f} | {extra} | {speedup} |"
         )
