@@ -374,10 +374,12 @@ def markdown_table(runs: list[dict], metrics: list[str], baseline: str = "unifor
         extra = " | ".join(f"{secondary[m][row['preset']]['mean'][i]:.3f}" for m in metrics[1:])
         if math.isnan(row["speedup"]):
             speedup = f"no {baseline} run: merge one with --from_progress"
+        elif math.isinf(row["speedup"]):
+            speedup = "baseline never reaches it"
+        elif row["upper_bound"]:
+            speedup = f"<= {row['speedup']:.2f}x ({baseline} was better at its first evaluation)"
         else:
-            speedup = "baseline never reaches it" if math.isinf(row["speedup"]) else f"{row['speedup']:.2f}x"
-            if row["upper_bound"]:
-                speedup = f"<= {speedup} ({baseline} was better at its first evaluation)"
+            speedup = f"{row['speedup']:.2f}x"
         lines.append(
             f"| {row['preset']} | {row['step']} | {row['mean']:.3f} ± {row['std']:.3f} | {extra} | {speedup} |"
         )

@@ -6,9 +6,13 @@ import sys
 
 import numpy as np
 
-from speedit_scheduler.convergence import runs_from_progress, speedup_table, steps_to_reach
+from speedit_scheduler.convergence import markdown_table, runs_from_progress, speedup_table, steps_to_reach
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _progress_line(preset: str, seed: int, step: int, fd: float) -> str:
+    return json.dumps({"preset": preset, "seed": seed, "step": step, "train_loss": 0.1, "frechet_distance": fd})
 
 
 def test_steps_to_reach_interpolates():
@@ -32,8 +36,6 @@ def test_speedup_of_a_preset_twice_as_fast():
 def test_a_quality_the_baseline_beat_at_its_first_evaluation_is_an_upper_bound():
     # MNIST-32 on the GPU: speed's first evaluation (FD 233) was worse than uniform's (194), so
     # uniform got there at some step before its first evaluation: "at most 1.00x", not "1.00x".
-    from speedit_scheduler.convergence import markdown_table
-
     runs = [{"preset": "uniform", "seed": 0, "history": [{"step": 1000, "fd": 194.0}, {"step": 2000, "fd": 135.0}]},
             {"preset": "speed", "seed": 0, "history": [{"step": 1000, "fd": 233.0}, {"step": 2000, "fd": 106.0}]}]
     rows = {(r["preset"], r["step"]): r for r in speedup_table(runs, "fd")}
@@ -45,14 +47,11 @@ def test_a_quality_the_baseline_beat_at_its_first_evaluation_is_an_upper_bound()
 
 
 def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp_path, capsys):
-    def line(preset, seed, step, fd):
-        return json.dumps({"preset": preset, "seed": seed, "step": step, "train_loss": 0.1, "frechet_distance": fd})
-
     first = tmp_path / "a.jsonl"  # session 1: uniform and speed, seed 0, to step 3000
-    first.write_text("\n".join(line(p, 0, s, 100.0 / s) for p in ("uniform", "speed") for s in (1000, 2000, 3000)) + "\n")
+    first.write_text("\n".join(_progress_line(p, 0, s, 100.0 / s) for p in ("uniform", "speed") for s in (1000, 2000, 3000)) + "\n")
     second = tmp_path / "b.jsonl"  # session 2: seed 1 of both; speed was cut at step 2000
-    second.write_text("\n".join([line("uniform", 1, s, 90.0 / s) for s in (1000, 2000, 3000)]
-                                 + [line("speed", 1, s, 80.0 / s) for s in (1000, 2000)]) + "\n")
+    second.write_text("\n".join([_progress_line("uniform", 1, s, 90.0 / s) for s in (1000, 2000, 3000)]
+                                 + [_progress_line("speed", 1, s, 80.0 / s) for s in (1000, 2000)]) + "\n")
     runs = runs_from_progress(str(first), str(second))
     assert sorted((r["preset"], r["seed"]) for r in runs) == [("speed", 0), ("uniform", 0), ("uniform", 1)]
     assert all([h["step"] for h in r["history"]] == [1000, 2000, 3000] for r in runs)
@@ -207,15 +206,10 @@ def test_ablation_options_fixed_variance_and_ddim():
 def test_presets_run_without_uniform_get_their_speedup_once_merged(tmp_path):
     """A session may add presets to an earlier comparison: without a uniform run the table says
     so; merged with the uniform run's progress file, the speed-up is filled in."""
-    from speedit_scheduler.convergence import markdown_table
-
-    def line(preset, seed, step, fd):
-        return json.dumps({"preset": preset, "seed": seed, "step": step, "train_loss": 0.1, "frechet_distance": fd})
-
     earlier = tmp_path / "a.jsonl"
-    earlier.write_text("\n".join(line("uniform", 0, s, 100.0 / s) for s in (100, 200, 400)) + "\n")
+    earlier.write_text("\n".join(_progress_line("uniform", 0, s, 100.0 / s) for s in (100, 200, 400)) + "\n")
     added = tmp_path / "b.jsonl"
-    added.write_text("\n".join(line("speedit-v1", 0, s, 50.0 / s) for s in (100, 200, 400)) + "\n")
+    added.write_text("\n".join(_progress_line("speedit-v1", 0, s, 50.0 / s) for s in (100, 200, 400)) + "\n")
     alone = markdown_table(runs_from_progress(str(added)), ["frechet_distance"])
     assert alone.count("no uniform run: merge one with --from_progress") == 3
     rows = {(r["preset"], r["step"]): r for r in speedup_table(runs_from_progress(str(earlier), str(added)), "frechet_distance")}
@@ -260,8 +254,6 @@ def test_the_published_mnist32_report_is_what_its_progress_files_give():
     # docs/convergence.md and README quote this table; it must be the one the raw GPU
     # evaluations give with today's code (a change to the speed-up rule shows up here).
     from pathlib import Path
-
-    from speedit_scheduler.convergence import markdown_table
 
     report = Path(__file__).resolve().parents[1] / "docs" / "convergence-mnist32"
     runs = runs_from_progress(str(report / "progress-seed0.jsonl"), str(report / "progress-seed1.jsonl"))
