@@ -26,7 +26,10 @@ import time
 
 import torch
 
-from speedit_scheduler.sampling import SCHEDULERS, ShardPlan, labelled_grid, resolve_class_labels, short_label, to_uint8
+from speedit_scheduler.data.class_names import resolve_class_labels, short_label
+from speedit_scheduler.evaluation.grids import labelled_grid
+from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8
+from speedit_scheduler.pipeline_speedit import SAMPLERS
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT's defaults: sample.py guides with 4.0 for pictures, sample_ddp.py with 1.5 for FID-50K.
@@ -46,14 +49,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--scheduler",
         default=None,
-        help=f"One of {', '.join(SCHEDULERS)}. Default: ddpm (learned variance) for --sampler faithful, "
+        help=f"One of {', '.join(SAMPLERS)}. Default: ddpm (learned variance) for --sampler faithful, "
         "the pipeline's own scheduler for --sampler diffusers.",
     )
     p.add_argument("--guidance_scale", type=float, default=None, help="1 = no guidance. Default 4 (grids), 1.5 (FID).")
     p.add_argument(
         "--guidance_channels",
         default=None,
-        help="Faithful sampler: 'all' or k (guide the first k eps channels). Default: 3 for latent models (DiT), all for pixel models.",
+        help="Faithful sampler: 'all' or k (guide the first k eps channels). "
+        "Default: 3 for latent models (DiT), all for pixel models.",
     )
     p.add_argument("--num_inference_steps", type=int, default=250)
     p.add_argument("--seed", type=int, default=0)
@@ -83,7 +87,12 @@ def check_args(args: argparse.Namespace) -> str:
             fail("give --class_labels (ids or names) with --output/--output_dir, or --num_samples with --sample_dir.")
         if args.output is None and args.output_dir is None:
             fail("give --output grid.png and/or --output_dir DIR for the images.")
-        if args.output is not None and os.path.splitext(args.output)[1].lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        if args.output is not None and os.path.splitext(args.output)[1].lower() not in (
+            ".png",
+            ".jpg",
+            ".jpeg",
+            ".webp",
+        ):
             fail(f"--output {args.output!r} must end in .png, .jpg or .webp.")
     mode = "mass" if mass else "grid"
     if args.guidance_scale is None:
@@ -94,8 +103,8 @@ def check_args(args: argparse.Namespace) -> str:
         fail(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
     if args.batch_size < 1:
         fail(f"--batch_size {args.batch_size} must be at least 1.")
-    if args.scheduler is not None and args.scheduler not in SCHEDULERS:
-        fail(f"--scheduler {args.scheduler!r} is unknown: choose one of {', '.join(SCHEDULERS)}.")
+    if args.scheduler is not None and args.scheduler not in SAMPLERS:
+        fail(f"--scheduler {args.scheduler!r} is unknown: choose one of {', '.join(SAMPLERS)}.")
     if args.guidance_channels is not None:
         if args.sampler != "faithful":
             fail("--guidance_channels needs --sampler faithful (stock DiTPipeline guides every channel).")
@@ -120,7 +129,10 @@ def read_metadata(path: str, revision: str | None) -> dict:
             try:
                 file = hf_hub_download(path, name, revision=revision)
             except Exception as e:  # offline, missing repo, no access: all end here
-                fail(f"cannot fetch {name} of {path!r} from the Hub ({type(e).__name__}): check the id, login or network.")
+                fail(
+                    f"cannot fetch {name} of {path!r} from the Hub ({type(e).__name__}): "
+                    "check the id, login or network."
+                )
         with open(file) as f:
             return json.load(f)
 
@@ -142,7 +154,9 @@ def check_model_args(args: argparse.Namespace, meta: dict) -> None:
         fail(f"{args.pretrained_model_name_or_path!r} is a {meta['class_name']}, not a DiTPipeline or SpeeDiTPipeline.")
     if args.sampler == "diffusers":
         if meta["class_name"] != "DiTPipeline":
-            fail("--sampler diffusers runs stock DiTPipeline, which needs a latent (VAE) model: use --sampler faithful.")
+            fail(
+                "--sampler diffusers runs stock DiTPipeline, which needs a latent (VAE) model: use --sampler faithful."
+            )
         if args.guidance_scale > 1 and meta["num_classes"] != 1000:
             fail(
                 f"stock DiTPipeline hard-codes the null class 1000 but this model has {meta['num_classes']} classes: "
@@ -157,27 +171,31 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
     from diffusers import DiffusionPipeline
 
     from speedit_scheduler import SpeeDiTPipeline
-    from speedit_scheduler.sampling import build_scheduler
+    from speedit_scheduler.pipeline_speedit import sampling_scheduler
 
     dtype = DTYPES[args.dtype]
     if meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
-        pipe = SpeeDiTPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype)
+        pipe = SpeeDiTPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype
+        )
     else:
-        pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype
+        )
     kwargs = {}
     if args.sampler == "faithful":
         if not isinstance(pipe, SpeeDiTPipeline):
             pipe = SpeeDiTPipeline.from_dit_pipeline(pipe)
-        pipe.scheduler = build_scheduler(
-            args.scheduler or "ddpm",
+        pipe.scheduler = sampling_scheduler(
             pipe.scheduler.config,
+            args.scheduler or "ddpm",
             learned_variance=meta["learned_variance"],
             clip_sample=False if meta["latent"] else None,  # DiT: clip_denoised=False for latents
         )
         channels = args.guidance_channels or ("3" if meta["latent"] and meta["in_channels"] > 3 else "all")
         kwargs["guidance_channels"] = None if channels == "all" else int(channels)
     elif args.scheduler is not None:
-        pipe.scheduler = build_scheduler(args.scheduler, pipe.scheduler.config, learned_variance=False)
+        pipe.scheduler = sampling_scheduler(pipe.scheduler.config, args.scheduler, learned_variance=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device), kwargs
 
@@ -199,7 +217,7 @@ def generate(pipe, labels: list[int], generators: list[torch.Generator], seed_ke
 
 
 def sample_pictures(args, meta, labels: list[int], pipe, kwargs) -> None:
-    from speedit_scheduler.sampling import sample_generator
+    from speedit_scheduler.evaluation.mass_sampling import sample_generator
 
     images = []
     for start in range(0, len(labels), args.batch_size):
@@ -221,14 +239,24 @@ def sample_pictures(args, meta, labels: list[int], pipe, kwargs) -> None:
 def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
     from tqdm.auto import tqdm
 
-    from speedit_scheduler.sampling import sample_labels_and_generators
+    from speedit_scheduler.evaluation.mass_sampling import sample_labels_and_generators
 
     plan = ShardPlan(args.sample_dir, args.num_samples, args.batch_size)
     # Everything that changes a sample; shards of other settings must not be mixed in.
     settings = {
         k: getattr(args, k)
-        for k in ("pretrained_model_name_or_path", "revision", "num_samples", "batch_size", "seed", "sampler",
-                  "scheduler", "guidance_scale", "num_inference_steps", "dtype")
+        for k in (
+            "pretrained_model_name_or_path",
+            "revision",
+            "num_samples",
+            "batch_size",
+            "seed",
+            "sampler",
+            "scheduler",
+            "guidance_scale",
+            "num_inference_steps",
+            "dtype",
+        )
     }
     settings["guidance_channels"] = kwargs.get("guidance_channels", "all")
     try:

@@ -27,25 +27,24 @@ from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
-from speedit_scheduler.data import DeterministicOrder, data_generator, load_training_data
-from speedit_scheduler.hub import push_folder_to_hub, resolve_hub_token, write_model_card
+from speedit_scheduler.data.datasets import DeterministicOrder
+from speedit_scheduler.data.loading import load_training_data
 from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
-from speedit_scheduler.training import (
+from speedit_scheduler.pipeline_speedit import training_sampler
+from speedit_scheduler.training.checkpoints import checkpoint_step, resolve_resume_checkpoint, save_checkpoint
+from speedit_scheduler.training.ema import create_ema
+from speedit_scheduler.training.engine import (
     COMPILE_MODES,
     TimestepQuartileLoss,
     TrainerStepState,
-    build_pipeline,
-    checkpoint_step,
     compile_model,
-    create_ema,
-    learned_variance_scheduler,
-    resolve_resume_checkpoint,
     mark_compiled_step,
-    save_checkpoint,
     run_trainer_step,
-    save_pipeline,
 )
+from speedit_scheduler.training.export import build_pipeline, save_pipeline
+from speedit_scheduler.training.hub import push_folder_to_hub, resolve_hub_token, write_model_card
+from speedit_scheduler.utils import seeded_generator
 
 logger = get_logger(__name__)
 
@@ -92,7 +91,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer.")
     p.add_argument(
-        "--compile_mode", default=None, choices=COMPILE_MODES,
+        "--compile_mode",
+        default=None,
+        choices=COMPILE_MODES,
         help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models).",
     )
     p.add_argument("--allow_tf32", action="store_true")
@@ -165,8 +166,16 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit("error: --output_dir is required.")
     if args.model not in DIT_PRESETS:
         raise SystemExit(f"error: --model {args.model!r} is unknown: choose one of {', '.join(DIT_PRESETS)}.")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
-                 "logging_steps", "validation_steps", "validation_inference_steps", "validation_images_per_class"):
+    for name in (
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "max_train_steps",
+        "checkpointing_steps",
+        "logging_steps",
+        "validation_steps",
+        "validation_inference_steps",
+        "validation_images_per_class",
+    ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} {getattr(args, name)} must be at least 1.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
@@ -210,8 +219,16 @@ def validate_args(args: argparse.Namespace) -> None:
 def build_training_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
     overrides = {
         key: getattr(args, key)
-        for key in ("timestep_sampling", "loss_weighting", "speed_k", "speed_tau", "speed_lambda",
-                    "min_snr_gamma", "p2_k", "p2_gamma")
+        for key in (
+            "timestep_sampling",
+            "loss_weighting",
+            "speed_k",
+            "speed_tau",
+            "speed_lambda",
+            "min_snr_gamma",
+            "p2_k",
+            "p2_gamma",
+        )
         if getattr(args, key) is not None
     }
     if args.dual_sampling is not None:
@@ -342,9 +359,18 @@ def main(args: argparse.Namespace) -> str:
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
     step_state = TrainerStepState(
-        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, scheduler=scheduler, loss_fn=loss_fn, ema=ema,
-        quartiles=quartiles, loss_sum=loss_sum, first_bad_step=first_bad_step,
-        class_dropout_prob=args.class_dropout_prob, null_label=null_label, max_grad_norm=args.max_grad_norm,
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        scheduler=scheduler,
+        loss_fn=loss_fn,
+        ema=ema,
+        quartiles=quartiles,
+        loss_sum=loss_sum,
+        first_bad_step=first_bad_step,
+        class_dropout_prob=args.class_dropout_prob,
+        null_label=null_label,
+        max_grad_norm=args.max_grad_norm,
         seed=args.seed,
     )
     images_per_step = config["global_batch_size"]
@@ -374,7 +400,7 @@ def main(args: argparse.Namespace) -> str:
         _fault_injection("step", global_step)
         batch = dataset.get_batch(
             order.indices(micro_step, accelerator.process_index),
-            data_generator(args.seed, accelerator.process_index, micro_step),
+            seeded_generator("data", args.seed, accelerator.process_index, micro_step),
             device=device,
         )
         mark_compiled_step(args.compile_mode)
@@ -447,7 +473,7 @@ def validation_grid(accelerator, model, ema, scheduler, dataset, vae, args):
     transformer = _ema_weights_model(accelerator, model, ema)
     pipeline = SpeeDiTPipeline(
         transformer=transformer,
-        scheduler=learned_variance_scheduler(scheduler, clip_sample=vae is None),
+        scheduler=training_sampler(scheduler, "ddpm", learned_variance=True, clip_sample=vae is None),
         vae=vae,
         id2label=dict(enumerate(dataset.class_names)),
     )

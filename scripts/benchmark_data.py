@@ -20,23 +20,29 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from speedit_scheduler.data import DeterministicOrder, data_generator, load_training_data  # noqa: E402
-from speedit_scheduler.latents import LatentDataset, shard_file_name, write_json_atomic, write_shard  # noqa: E402
+from speedit_scheduler.data.datasets import DeterministicOrder
+from speedit_scheduler.data.latents import LatentDataset, shard_file_name, write_shard
+from speedit_scheduler.data.loading import load_training_data
+from speedit_scheduler.utils import atomic_write_json, seeded_generator
 
 # stabilityai/sd-vae-ft-ema's architecture (its config.json), for timing without the weights.
 SD_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
-    sample_size=256, scaling_factor=0.18215,
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.18215,
 )
 
 
@@ -51,13 +57,24 @@ def write_synthetic_latents(folder: str, num_samples: int, latent_size: int, dty
         labels = torch.randint(0, 1000, (n,), generator=generator)
         write_shard(os.path.join(folder, shard_file_name(k)), moments, labels, torch.arange(start, start + n), dtype)
         shards.append({"file": shard_file_name(k), "num_samples": n})
-    write_json_atomic(os.path.join(folder, "manifest.json"), {
-        "format": "speedit-latents", "version": 1, "complete": True, "num_samples": num_samples, "dtype": dtype,
-        "flips": True, "resolution": latent_size * 8, "latent_shape": [4, latent_size, latent_size],
-        "shards": shards, "skipped": [], "class_names": [str(i) for i in range(1000)],
-        "source": {"name": "synthetic"},
-        "vae": {"name_or_path": "synthetic", "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4},
-    })
+    atomic_write_json(
+        os.path.join(folder, "manifest.json"),
+        {
+            "format": "speedit-latents",
+            "version": 1,
+            "complete": True,
+            "num_samples": num_samples,
+            "dtype": dtype,
+            "flips": True,
+            "resolution": latent_size * 8,
+            "latent_shape": [4, latent_size, latent_size],
+            "shards": shards,
+            "skipped": [],
+            "class_names": [str(i) for i in range(1000)],
+            "source": {"name": "synthetic"},
+            "vae": {"name_or_path": "synthetic", "scaling_factor": 0.18215, "shift_factor": None, "latent_channels": 4},
+        },
+    )
 
 
 def time_dataset(dataset, batch_size: int, num_batches: int, repeats: int, host_only: bool = False) -> dict:
@@ -67,18 +84,18 @@ def time_dataset(dataset, batch_size: int, num_batches: int, repeats: int, host_
     order = DeterministicOrder(len(dataset), batch_size, 1, seed=0)
     fetch = dataset.host_batch if host_only else dataset.get_batch
     for step in range(len(dataset) // batch_size):  # one epoch first: warm page cache and mappings
-        fetch(order.indices(step, 0), data_generator(0, 0, step))
+        fetch(order.indices(step, 0), seeded_generator("data", 0, 0, step))
     rates = []
     for repeat in range(repeats):
         start = time.perf_counter()
         for step in range(repeat * num_batches, (repeat + 1) * num_batches):
-            fetch(order.indices(step, 0), data_generator(0, 0, step))
+            fetch(order.indices(step, 0), seeded_generator("data", 0, 0, step))
         rates.append(batch_size * num_batches / (time.perf_counter() - start))
     return {"samples_per_s": statistics.median(rates), "min": min(rates), "max": max(rates)}
 
 
 def time_extraction(vae, batch_size: int, resolution: int, num_batches: int, repeats: int, device: str) -> dict:
-    from speedit_scheduler.extraction import encode_moments
+    from speedit_scheduler.data.extraction import encode_moments
 
     images = torch.rand(batch_size, 3, resolution, resolution, device=device) * 2 - 1
     with torch.no_grad():
@@ -101,21 +118,27 @@ def storage_error(folder: str) -> list[dict]:
     (the noise every training draw adds anyway)."""
     dataset = LatentDataset(folder)
     if dataset.storage_dtype != "float32":
-        raise SystemExit(f"error: --storage_error needs a float32 latents folder; {folder!r} holds {dataset.storage_dtype}.")
+        raise SystemExit(
+            f"error: --storage_error needs a float32 latents folder; {folder!r} holds {dataset.storage_dtype}."
+        )
     everything = np.arange(len(dataset))
-    moments = torch.cat([dataset.gather_moments(everything, np.full(len(dataset), f)) for f in range(dataset.num_flips)])
+    moments = torch.cat(
+        [dataset.gather_moments(everything, np.full(len(dataset), f)) for f in range(dataset.num_flips)]
+    )
     mean, std = moments.chunk(2, dim=1)
     rows = []
     for dtype in ("float16", "bfloat16"):
         error = mean.to(getattr(torch, dtype)).float() - mean
         rms_error = error.pow(2).mean().sqrt().item()
-        rows.append({
-            "dtype": dtype,
-            "rms_error": rms_error,
-            "relative_to_mean_rms": rms_error / mean.pow(2).mean().sqrt().item(),
-            "relative_to_posterior_std": rms_error / std.pow(2).mean().sqrt().item(),
-            "max_abs_error": error.abs().max().item(),
-        })
+        rows.append(
+            {
+                "dtype": dtype,
+                "rms_error": rms_error,
+                "relative_to_mean_rms": rms_error / mean.pow(2).mean().sqrt().item(),
+                "relative_to_posterior_std": rms_error / std.pow(2).mean().sqrt().item(),
+                "max_abs_error": error.abs().max().item(),
+            }
+        )
     return rows
 
 
@@ -130,8 +153,12 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     p.add_argument("--extraction", action="store_true", help="Time VAE encoding instead of the dataset.")
-    p.add_argument("--storage_error", default=None, metavar="FOLDER",
-                   help="Measure what fp16/bf16 storage does to a float32 latents folder's latents.")
+    p.add_argument(
+        "--storage_error",
+        default=None,
+        metavar="FOLDER",
+        help="Measure what fp16/bf16 storage does to a float32 latents folder's latents.",
+    )
     p.add_argument("--vae", default=None, help="Extraction: a VAE id or folder; default the SD-VAE architecture.")
     p.add_argument("--vae_dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     p.add_argument("--resolution", type=int, default=256)
@@ -150,9 +177,11 @@ def main(argv=None) -> None:
     if args.storage_error:
         for row in storage_error(args.storage_error):
             results.append({"mode": "storage_error", **row})
-            print(f"{row['dtype']}: RMS rounding error of the posterior mean {row['rms_error']:.3g} = "
-                  f"{row['relative_to_mean_rms']:.2%} of its RMS, {row['relative_to_posterior_std']:.2%} of the "
-                  f"posterior std; max abs {row['max_abs_error']:.3g}")
+            print(
+                f"{row['dtype']}: RMS rounding error of the posterior mean {row['rms_error']:.3g} = "
+                f"{row['relative_to_mean_rms']:.2%} of its RMS, {row['relative_to_posterior_std']:.2%} of the "
+                f"posterior std; max abs {row['max_abs_error']:.3g}"
+            )
     elif args.extraction:
         from diffusers import AutoencoderKL
 
@@ -165,18 +194,29 @@ def main(argv=None) -> None:
             vae = vae if dtype == torch.float32 else vae.to(dtype)
         vae = vae.to(args.device).eval()
         result = time_extraction(vae, args.batch_size, args.resolution, args.num_batches, args.repeats, args.device)
-        results.append({"mode": "extraction", "vae_dtype": args.vae_dtype, "batch_size": args.batch_size,
-                        "resolution": args.resolution, **result})
-        print(f"VAE encoding (image + mirror) {args.resolution}px, batch {args.batch_size}, {args.vae_dtype}: "
-              f"{result['images_per_s']:.3g} images/s (min {result['min']:.3g}, max {result['max']:.3g})")
+        results.append(
+            {
+                "mode": "extraction",
+                "vae_dtype": args.vae_dtype,
+                "batch_size": args.batch_size,
+                "resolution": args.resolution,
+                **result,
+            }
+        )
+        print(
+            f"VAE encoding (image + mirror) {args.resolution}px, batch {args.batch_size}, {args.vae_dtype}: "
+            f"{result['images_per_s']:.3g} images/s (min {result['min']:.3g}, max {result['max']:.3g})"
+        )
     elif args.latents:
         dataset = load_training_data(args.latents)
         result = time_dataset(dataset, args.batch_size, args.num_batches, args.repeats)
         results.append({"mode": "dataset", "latents": os.path.basename(os.path.normpath(args.latents)), **result})
         print(f"{args.latents}: {result['samples_per_s']:.0f} samples/s")
     else:
-        print(f"synthetic latents: {args.num_samples} samples of 4x{args.latent_size}x{args.latent_size} with flips, "
-              f"batch {args.batch_size}, {info['threads']} torch threads")
+        print(
+            f"synthetic latents: {args.num_samples} samples of 4x{args.latent_size}x{args.latent_size} with flips, "
+            f"batch {args.batch_size}, {info['threads']} torch threads"
+        )
         print("| storage | on disk | work timed | samples/s (median) | min | max |")
         print("| --- | --- | --- | --- | --- | --- |")
         for dtype in args.dtypes:
@@ -186,14 +226,20 @@ def main(argv=None) -> None:
                 dataset = LatentDataset(folder)
                 for host_only, work in ((True, "host side of a GPU run"), (False, "all on CPU (noise too)")):
                     result = time_dataset(dataset, args.batch_size, args.num_batches, args.repeats, host_only)
-                    results.append({"mode": "dataset", "dtype": dtype, "work": work, "bytes_per_sample": size, **result})
-                    print(f"| {dtype} | {size / 1024:.0f} KiB/sample | {work} | {result['samples_per_s']:,.0f} | "
-                          f"{result['min']:,.0f} | {result['max']:,.0f} |")
+                    results.append(
+                        {"mode": "dataset", "dtype": dtype, "work": work, "bytes_per_sample": size, **result}
+                    )
+                    print(
+                        f"| {dtype} | {size / 1024:.0f} KiB/sample | {work} | {result['samples_per_s']:,.0f} | "
+                        f"{result['min']:,.0f} | {result['max']:,.0f} |"
+                    )
                 del dataset
         digits = time_dataset(load_training_data("digits"), args.batch_size, args.num_batches, args.repeats)
         results.append({"mode": "dataset", "dataset": "digits", **digits})
-        print(f"| digits (uint8 in RAM) | | all on CPU | {digits['samples_per_s']:,.0f} | {digits['min']:,.0f} | "
-              f"{digits['max']:,.0f} |")
+        print(
+            f"| digits (uint8 in RAM) | | all on CPU | {digits['samples_per_s']:,.0f} | {digits['min']:,.0f} | "
+            f"{digits['max']:,.0f} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "results": results}, f, indent=2)

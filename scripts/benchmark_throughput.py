@@ -28,7 +28,6 @@ import tempfile
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO_ROOT)
 # The package (torch, diffusers) is imported only where a measurement runs, so that a sweep's
 # parent process stays light and each group's worker pays its own start-up.
 
@@ -68,8 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|off,on]")
     p.add_argument("--compile_backend", default="inductor", help="torch.compile backend (aot_eager: quick CPU check).")
     p.add_argument(
-        "--compile_mode", default=None,
-        help="inductor's mode for --compile: default, reduce-overhead (CUDA graphs), max-autotune, max-autotune-no-cudagraphs.",
+        "--compile_mode",
+        default=None,
+        help="inductor's mode for --compile: default, reduce-overhead (CUDA graphs), max-autotune, "
+        "max-autotune-no-cudagraphs.",
     )
     p.add_argument(
         "--gradient_checkpointing", type=_list(_on_off), nargs="?", const=[True], default=[False], help="[on|off|...]"
@@ -92,7 +93,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul_size", type=int, default=None, help="Side of the ceiling matmul (8192 CUDA, 1024 CPU).")
     p.add_argument("--overhead", action="store_true", help="Also time the bare step and report the trainer's overhead.")
     p.add_argument(
-        "--profile", type=int, default=0, metavar="STEPS",
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
         help="Profile STEPS trainer steps of the last configuration: time per kernel category and the top kernels.",
     )
     p.add_argument("--flops_only", action="store_true", help="Only count FLOPs (meta device, no compute) and exit.")
@@ -125,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def base_config(args: argparse.Namespace, precision: str, compile: bool):
-    from speedit_scheduler.benchmarking import BenchmarkConfig
+    from speedit_scheduler.tools.benchmarking import BenchmarkConfig
 
     return BenchmarkConfig(
         model=args.model,
@@ -260,7 +264,7 @@ def write_outputs(args: argparse.Namespace, result: dict) -> None:
 def run_in_process(args: argparse.Namespace) -> dict:
     import torch
 
-    from speedit_scheduler import benchmarking
+    from speedit_scheduler.tools import benchmarking
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -400,7 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.flops_only:
             print(json.dumps(result["flops"], indent=2))
         if "profile" in result:
-            from speedit_scheduler.benchmarking import format_profile
+            from speedit_scheduler.tools.benchmarking import format_profile
 
             print(format_profile(result["profile"]), flush=True)
     if args.worker_jsonl is None:

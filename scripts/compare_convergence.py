@@ -10,7 +10,8 @@ several timestep presets and compare sample quality along training.
 
     # ImageNet (or any) latents from scripts/extract_latents.py, judged by FID & co.:
     python scripts/compare_convergence.py --train_data latents/imagenet256 --metric fid \
-        --reference_batch VIRTUAL_imagenet256_labeled.npz --inception_weights weights-inception-2015-12-05-6726825d.pth \
+        --reference_batch VIRTUAL_imagenet256_labeled.npz \
+        --inception_weights weights-inception-2015-12-05-6726825d.pth \
         --model XL/2 --num_layers 28 --hidden_size 1152 --num_attention_heads 16 --device cuda --mixed_precision bf16
 
 Writes results.json, table.md (quality per step and the speed-up against `uniform`) and
@@ -25,26 +26,32 @@ import os
 import shlex
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from speedit_scheduler import PRESETS  # noqa: E402
-from speedit_scheduler.convergence import (  # noqa: E402
+from speedit_scheduler import PRESETS
+from speedit_scheduler.tools.convergence import (
     ComparisonConfig,
     run_comparison,
     runs_from_progress,
     write_report,
 )
-from speedit_scheduler.training import COMPILE_MODES  # noqa: E402
+from speedit_scheduler.training.engine import COMPILE_MODES
 
 
 def parse_args(argv=None):
     defaults = ComparisonConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--presets", nargs="+", default=defaults.presets, choices=sorted(PRESETS),
-                   help="Speed-ups are against 'uniform'; without it, merge a uniform run later with --from_progress.")
+    p.add_argument(
+        "--presets",
+        nargs="+",
+        default=defaults.presets,
+        choices=sorted(PRESETS),
+        help="Speed-ups are against 'uniform'; without it, merge a uniform run later with --from_progress.",
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=defaults.seeds)
-    p.add_argument("--train_data", default=defaults.train_data,
-                   help="'digits', an .npz of images and labels, or a latents folder from scripts/extract_latents.py.")
+    p.add_argument(
+        "--train_data",
+        default=defaults.train_data,
+        help="'digits', an .npz of images and labels, or a latents folder from scripts/extract_latents.py.",
+    )
     p.add_argument("--resolution", type=int, default=None, help="Pad images to this side (32 for MNIST).")
     p.add_argument("--model", default=defaults.model)
     p.add_argument("--num_layers", type=int, default=defaults.num_layers)
@@ -58,28 +65,47 @@ def parse_args(argv=None):
     p.add_argument("--eval_samples_per_class", type=int, default=defaults.eval_samples_per_class)
     p.add_argument("--eval_inference_steps", type=int, default=defaults.eval_inference_steps)
     p.add_argument("--guidance_scale", type=float, default=defaults.guidance_scale)
-    p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=defaults.learn_sigma,
-                   help="DiT's learned variance with the hybrid loss (default); --no-learn_sigma: epsilon-MSE only.")
-    p.add_argument("--eval_sampler", choices=["ddpm", "ddim"], default=defaults.eval_sampler,
-                   help="ddpm: ancestral, as DiT evaluates (default); ddim: deterministic.")
+    p.add_argument(
+        "--learn_sigma",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.learn_sigma,
+        help="DiT's learned variance with the hybrid loss (default); --no-learn_sigma: epsilon-MSE only.",
+    )
+    p.add_argument(
+        "--eval_sampler",
+        choices=["ddpm", "ddim"],
+        default=defaults.eval_sampler,
+        help="ddpm: ancestral, as DiT evaluates (default); ddim: deterministic.",
+    )
     p.add_argument("--device", default=defaults.device)
     p.add_argument("--mixed_precision", choices=["no", "bf16"], default=defaults.mixed_precision)
     p.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU runs).")
-    p.add_argument("--compile_mode", default=None, choices=COMPILE_MODES,
-                   help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models on GPUs).")
+    p.add_argument(
+        "--compile_mode",
+        default=None,
+        choices=COMPILE_MODES,
+        help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models on GPUs).",
+    )
     p.add_argument("--metric", choices=["classifier", "fid"], default=defaults.metric)
     p.add_argument("--reference_batch", default=None, help="--metric fid: ADM-format reference .npz.")
     p.add_argument("--inception_weights", default=None, help="--metric fid: the FID Inception weights file.")
     p.add_argument("--vae", default=None, help="Decoder of latent data (default: the latents folder's VAE).")
     p.add_argument("--num_workers", type=int, default=1, help="Runs in parallel (e.g. several on one GPU).")
     p.add_argument("--output_dir", default="convergence")
-    p.add_argument("--from_progress", nargs="+", default=None,
-                   help="Only rebuild the report from progress.jsonl files (several: runs made separately).")
+    p.add_argument(
+        "--from_progress",
+        nargs="+",
+        default=None,
+        help="Only rebuild the report from progress.jsonl files (several: runs made separately).",
+    )
     args = p.parse_args(argv)
     if args.eval_every < 1 or args.max_steps < args.eval_every:
         p.error(f"--eval_every {args.eval_every} must lie in [1, --max_steps {args.max_steps}].")
     if args.train_data != "digits" and not os.path.exists(args.train_data):
-        p.error(f"--train_data {args.train_data!r} does not exist: give 'digits', an .npz file (e.g. MNIST) or a latents folder.")
+        p.error(
+            f"--train_data {args.train_data!r} does not exist: "
+            "give 'digits', an .npz file (e.g. MNIST) or a latents folder."
+        )
     for path in args.from_progress or []:
         if not os.path.isfile(path):
             p.error(f"--from_progress {path!r} does not exist: give the progress.jsonl of an earlier run.")
@@ -106,7 +132,11 @@ def main(argv=None):
         if os.path.exists(config.progress_path):
             os.remove(config.progress_path)
         runs = run_comparison(config, num_workers=args.num_workers)
-    keys = ["frechet_distance", "accuracy"] if args.metric == "classifier" else ["fid", "sfid", "is", "precision", "recall"]
+    keys = (
+        ["frechet_distance", "accuracy"]
+        if args.metric == "classifier"
+        else ["fid", "sfid", "is", "precision", "recall"]
+    )
     write_report(runs, config, args.output_dir, command, keys)
     print(f"Wrote {os.path.abspath(args.output_dir)}/{{results.json,table.md,convergence.png}}")
 

@@ -16,16 +16,14 @@ import os
 import re
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from speedit_scheduler.conversion import (  # noqa: E402
+from speedit_scheduler.scheduling_speedit import PRESETS
+from speedit_scheduler.tools.conversion import (
     DTYPES,
     check_output_dir,
     convert_dit_checkpoint,
     describe_conversion,
     format_difference_table,
 )
-from speedit_scheduler.scheduling_speedit import PRESETS  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,16 +32,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", required=True, help="pipeline folder to write (must be empty or new)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL Hub id or local folder")
     p.add_argument("--use_raw", action="store_true", help="convert train.py's raw 'model' weights instead of 'ema'")
-    p.add_argument("--speedit", default="uniform", choices=list(PRESETS),
-                   help="training-scheduler preset to record: uniform for DiT, speed / speedit-v1 for SpeeDiT")
+    p.add_argument(
+        "--speedit",
+        default="uniform",
+        choices=list(PRESETS),
+        help="training-scheduler preset to record: uniform for DiT, speed / speedit-v1 for SpeeDiT",
+    )
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
-    p.add_argument("--num_attention_heads", type=int, default=None,
-                   help="heads of a custom model whose depth / hidden size match no DiT preset")
-    p.add_argument("--num_classes", type=int, default=None,
-                   help="class count if it is not the label-table rows minus the null class")
-    p.add_argument("--verify", action="store_true",
-                   help="compare the converted model with a reference original forward pass and print the table")
+    p.add_argument(
+        "--num_attention_heads",
+        type=int,
+        default=None,
+        help="heads of a custom model whose depth / hidden size match no DiT preset",
+    )
+    p.add_argument(
+        "--num_classes",
+        type=int,
+        default=None,
+        help="class count if it is not the label-table rows minus the null class",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="compare the converted model with a reference original forward pass and print the table",
+    )
     p.add_argument("--push_to_hub", action="store_true")
     p.add_argument("--hub_model_id", default=None)
     p.add_argument("--hub_token", default=None)
@@ -60,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--num_attention_heads {args.num_attention_heads} must be at least 1.")
     token = None
     if args.push_to_hub:
-        from speedit_scheduler.hub import resolve_hub_token
+        from speedit_scheduler.training.hub import resolve_hub_token
 
         if not args.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-256).")
@@ -85,15 +98,21 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.output_dir}")
 
     if args.push_to_hub:
-        from speedit_scheduler.hub import push_folder_to_hub, write_model_card
+        from speedit_scheduler.training.hub import push_folder_to_hub, write_model_card
 
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
         steps = int(stem) if re.fullmatch(r"\d+", stem) else "an unknown number of"  # DiT names them 0400000.pt
-        card_config = {"converted_from": os.path.basename(args.checkpoint), "weights": info.source,
-                       "speedit": args.speedit, "dtype": args.dtype, **info.checkpoint_args}
+        card_config = {
+            "converted_from": os.path.basename(args.checkpoint),
+            "weights": info.source,
+            "speedit": args.speedit,
+            "dtype": args.dtype,
+            **info.checkpoint_args,
+        }
         write_model_card(args.output_dir, args.hub_model_id, card_config, steps, None, latent=True)
-        if not push_folder_to_hub(args.output_dir, args.hub_model_id, token, "Convert DiT checkpoint",
-                                  private=args.hub_private_repo):
+        if not push_folder_to_hub(
+            args.output_dir, args.hub_model_id, token, "Convert DiT checkpoint", private=args.hub_private_repo
+        ):
             sys.exit(1)
 
 

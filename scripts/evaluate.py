@@ -19,14 +19,11 @@ download (not with HF_HUB_OFFLINE=1). See docs/evaluation.md.
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from speedit_scheduler.evaluation import (  # noqa: E402
+from speedit_scheduler.evaluation.inception import resolve_inception_weights
+from speedit_scheduler.evaluation.metrics import (
     ADM_IS_SPLIT_SIZE,
     ADM_NEAREST_K,
     ImageNpz,
@@ -36,7 +33,6 @@ from speedit_scheduler.evaluation import (  # noqa: E402
     load_images,
     write_reference_batch,
 )
-from speedit_scheduler.inception import resolve_inception_weights  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -3,7 +3,8 @@
 """Encode a class-labelled image set into a latents folder for `train_dit.py --train_data`.
 
     accelerate launch scripts/extract_latents.py --input_dir imagenet/train --output_dir latents/imagenet256
-    accelerate launch scripts/extract_latents.py --dataset_name imagefolder --data_dir my_images --output_dir latents/mine
+    accelerate launch scripts/extract_latents.py --dataset_name imagefolder --data_dir my_images \
+        --output_dir latents/mine
     python scripts/extract_latents.py --dataset_name <hub-id> --split train --output_dir latents/x   # CPU works too
 
 Each image is center-cropped as ADM/DiT do, encoded with the VAE together with its mirror image,
@@ -15,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from speedit_scheduler.extraction import dataset_source, extract_latents, folder_source  # noqa: E402
-from speedit_scheduler.latents import STORAGE_DTYPES  # noqa: E402
+from speedit_scheduler.data.extraction import dataset_source, extract_latents, folder_source
+from speedit_scheduler.data.latents import STORAGE_DTYPES
 
 VAE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -29,7 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input_dir", help="A folder with one subfolder of images per class (ImageNet's train/).")
-    source.add_argument("--dataset_name", help="A `datasets` image dataset: a Hub id, or 'imagefolder' with --data_dir.")
+    source.add_argument(
+        "--dataset_name", help="A `datasets` image dataset: a Hub id, or 'imagefolder' with --data_dir."
+    )
     p.add_argument("--dataset_config_name", default=None)
     p.add_argument("--data_dir", default=None, help="data_dir for --dataset_name (e.g. the folder of 'imagefolder').")
     p.add_argument("--split", default="train")
@@ -56,7 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.max_samples is not None and args.max_samples < 1:
         p.error(f"--max_samples must be positive, got {args.max_samples}.")
     if args.data_dir is not None and args.dataset_name is None:
-        p.error("--data_dir goes with --dataset_name (e.g. --dataset_name imagefolder); for a class folder use --input_dir.")
+        p.error(
+            "--data_dir goes with --dataset_name (e.g. --dataset_name imagefolder); for a class folder use --input_dir."
+        )
     if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
         p.error(f"--output_dir {args.output_dir!r} exists and is a file: give a folder.")
     return args
@@ -73,8 +75,13 @@ def main(argv=None) -> None:
             source = folder_source(args.input_dir, args.max_samples)
         else:
             source = dataset_source(
-                args.dataset_name, args.split, args.image_column, args.label_column,
-                args.dataset_config_name, args.data_dir, args.max_samples,
+                args.dataset_name,
+                args.split,
+                args.image_column,
+                args.label_column,
+                args.dataset_config_name,
+                args.data_dir,
+                args.max_samples,
             )
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"error: {error}")
@@ -95,9 +102,17 @@ def main(argv=None) -> None:
     accelerator.print(f"{len(source)} images in {len(source.class_names)} classes from {source.name!r}")
     try:
         manifest = extract_latents(
-            source, vae, args.vae, args.output_dir, accelerator,
-            resolution=args.resolution, dtype=args.dtype, flips=not args.no_flip,
-            shard_size=args.shard_size, batch_size=args.batch_size, num_workers=args.num_workers,
+            source,
+            vae,
+            args.vae,
+            args.output_dir,
+            accelerator,
+            resolution=args.resolution,
+            dtype=args.dtype,
+            flips=not args.no_flip,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
         )
     except ValueError as error:
         raise SystemExit(f"error: {error}")

@@ -132,9 +132,10 @@ class DiTLoss:
         elif self.prediction_type == "sample":
             target = x_start
         else:  # v_prediction
-            target = self._table("sqrt_abar", timesteps, x_t) * noise - self._table(
-                "sqrt_one_minus_abar", timesteps, x_t
-            ) * x_start
+            target = (
+                self._table("sqrt_abar", timesteps, x_t) * noise
+                - self._table("sqrt_one_minus_abar", timesteps, x_t) * x_start
+            )
         mse = _mean_over_non_batch((prediction - target) ** 2)
         weighted = mse if weights is None else mse * weights.to(compute_dtype)
         if not learned_sigma:

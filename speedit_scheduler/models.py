@@ -50,7 +50,9 @@ def dit_config(
     hidden = hidden if hidden_size is None else hidden_size
     heads = heads if num_attention_heads is None else num_attention_heads
     if hidden % heads:
-        raise ValueError(f"hidden_size={hidden} is not divisible by num_attention_heads={heads}: pick sizes that divide.")
+        raise ValueError(
+            f"hidden_size={hidden} is not divisible by num_attention_heads={heads}: pick sizes that divide."
+        )
     if sample_size % patch:
         raise ValueError(
             f"sample_size={sample_size} is not divisible by the patch size {patch} of {preset}: "

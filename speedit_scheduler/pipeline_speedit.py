@@ -15,8 +15,93 @@ from __future__ import annotations
 import inspect
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    ImagePipelineOutput,
+    KDPM2AncestralDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
+
+# sampler name -> (scheduler class, config overrides). Every sampler is built from a noise
+# scheduler's config (the training scheduler's, or a loaded pipeline's), so it keeps the model's
+# training noise schedule.
+SAMPLERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpm-solver": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "kdpm2": (KDPM2DiscreteScheduler, {}),
+    "kdpm2-ancestral": (KDPM2AncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "pndm": (PNDMScheduler, {}),
+}
+
+
+def sampling_scheduler(
+    noise_scheduler_config: dict | FrozenDict,
+    sampler: str = "ddpm",
+    *,
+    learned_variance: bool,
+    clip_sample: bool | None = None,
+    **overrides,
+):
+    """The one factory of samplers: scheduler `sampler` (a key of `SAMPLERS`) with the noise
+    schedule of `noise_scheduler_config`.
+
+    DDPM samples with the model's learned variance (`learned_range`) when the model predicts one,
+    else with the fixed posterior variance, on diffusers' "linspace" spacing (the pipeline then
+    passes DiT's exact respacing). Every other scheduler ignores the variance channels (the
+    pipeline drops them). Config keys the sampler does not take (SpeeD's) are left out.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is unknown: choose one of {', '.join(SAMPLERS)}.")
+    cls, defaults = SAMPLERS[sampler]
+    accepted = inspect.signature(cls.__init__).parameters
+    kwargs = dict(defaults)
+    if cls is DDPMScheduler:
+        kwargs["variance_type"] = "learned_range" if learned_variance else "fixed_small"
+        kwargs["timestep_spacing"] = "linspace"
+    elif "variance_type" in accepted:
+        kwargs["variance_type"] = None  # DPM-Solver would keep eps[:, :3]; the pipeline drops the variance
+    if clip_sample is not None and "clip_sample" in accepted:
+        kwargs["clip_sample"] = clip_sample
+    kwargs.update(overrides)
+    config = {k: v for k, v in dict(noise_scheduler_config).items() if k in accepted}
+    return cls.from_config(config, **kwargs)
+
+
+def training_sampler(noise_scheduler, sampler: str = "ddpm", *, learned_variance: bool, clip_sample: bool):
+    """The sampler that training evaluates and exports with: `sampling_scheduler` of the training
+    noise scheduler on evenly spaced ("linspace") timesteps; DDIM without `set_alpha_to_one`, as
+    DiT's Hub schedulers."""
+    extra = {"set_alpha_to_one": False} if sampler == "ddim" else {}
+    return sampling_scheduler(
+        noise_scheduler.config,
+        sampler,
+        learned_variance=learned_variance,
+        clip_sample=clip_sample,
+        timestep_spacing="linspace",
+        **extra,
+    )
 
 
 def dit_respaced_timesteps(num_train_timesteps: int, num_inference_steps: int) -> list[int]:
@@ -154,7 +239,9 @@ class SpeeDiTPipeline(DiffusionPipeline):
         batch_size = len(labels)
         shape = (batch_size, channels, config.sample_size, config.sample_size)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.transformer.dtype)
+            latents = randn_tensor(
+                shape, generator=generator, device=self._execution_device, dtype=self.transformer.dtype
+            )
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents of shape {tuple(latents.shape)} do not match the expected {shape}.")
         sample = latents.to(self._execution_device, self.transformer.dtype)

@@ -192,6 +192,7 @@ class SpeeDiTScheduler(DDPMScheduler):
             betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (cfg.beta_end - cfg.beta_start)
             betas = betas + cfg.beta_start
         elif cfg.beta_schedule in ("squaredcos_cap_v2", "laplace"):
+
             def alpha_bar(t: float) -> float:
                 if cfg.beta_schedule == "squaredcos_cap_v2":
                     return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from speedit_scheduler.benchmarking import categorize_kernel, count_train_flops, dit_forward_flops, kernel_times
 from speedit_scheduler.models import dit_config
+from speedit_scheduler.tools.benchmarking import categorize_kernel, count_train_flops, dit_forward_flops, kernel_times
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "scripts", "benchmark_throughput.py")
@@ -110,16 +110,28 @@ def test_single_run_with_overhead_reports_every_field(tmp_path):
 @pytest.mark.parametrize(
     "kernel, category",
     [
-        ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off", "matmul"),
+        (
+            "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off",
+            "matmul",
+        ),
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "matmul"),
         ("triton_tem_fused_addmm_0", "matmul"),
         ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128>>", "attention"),
-        ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>", "optimizer (AdamW)"),
-        ("void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>>", "EMA, grad norm (foreach)"),
+        (
+            "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>",
+            "optimizer (AdamW)",
+        ),
+        (
+            "void at::native::multi_tensor_apply_kernel<TensorListMetadata<3>, LerpFunctor<float>>",
+            "EMA, grad norm (foreach)",
+        ),
         ("triton_per_fused_add_mul_native_layer_norm_3", "compiled fusions"),
         ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>", "normalization"),
         ("void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda>", "copies and casts"),
-        ("void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>", "other elementwise / reductions"),
+        (
+            "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>",
+            "other elementwise / reductions",
+        ),
         ("void cudnn::fusion::compute_dot_do_o<true>(void const*, void const*, void*)", "attention"),
     ],
 )
@@ -141,7 +153,8 @@ def test_profile_counts_each_kernel_once():
               self_device_time_total=300.0, count=2, is_user_annotation=False),
     ]  # fmt: skip
     assert kernel_times(cuda_events, cuda=True) == [
-        ("nvjet_sm90_tst_192x192", 900.0, 4), ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 300.0, 2)
+        ("nvjet_sm90_tst_192x192", 900.0, 4),
+        ("multi_tensor_apply_kernel<FusedAdamMathFunctor>", 300.0, 2),
     ]
     cpu_events = [Event(key="aten::addmm", self_cpu_time_total=50.0, count=3),
                   Event(key="Optimizer.step#AdamW.step", self_cpu_time_total=70.0, count=1)]  # fmt: skip
@@ -182,7 +195,10 @@ def test_sweep_gives_one_row_per_configuration(tmp_path):
         (["--clock", "gpu"], "--clock 'gpu' is unknown"),
         (["--profile", "-1"], "--profile -1 must be a number of steps"),
         (["--compile", "--compile_mode", "fast"], "--compile_mode 'fast' is unknown"),
-        (["--compile", "--compile_mode", "reduce-overhead", "--compile_backend", "aot_eager"], "--compile_mode is inductor's"),
+        (
+            ["--compile", "--compile_mode", "reduce-overhead", "--compile_backend", "aot_eager"],
+            "--compile_mode is inductor's",
+        ),
         (["--sweep", "--profile", "2"], "--profile looks at one configuration"),
     ],
 )

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from speedit_scheduler.convergence import markdown_table, runs_from_progress, speedup_table, steps_to_reach
+from speedit_scheduler.tools.convergence import markdown_table, runs_from_progress, speedup_table, steps_to_reach
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,8 +36,10 @@ def test_speedup_of_a_preset_twice_as_fast():
 def test_a_quality_the_baseline_beat_at_its_first_evaluation_is_an_upper_bound():
     # MNIST-32 on the GPU: speed's first evaluation (FD 233) was worse than uniform's (194), so
     # uniform got there at some step before its first evaluation: "at most 1.00x", not "1.00x".
-    runs = [{"preset": "uniform", "seed": 0, "history": [{"step": 1000, "fd": 194.0}, {"step": 2000, "fd": 135.0}]},
-            {"preset": "speed", "seed": 0, "history": [{"step": 1000, "fd": 233.0}, {"step": 2000, "fd": 106.0}]}]
+    runs = [
+        {"preset": "uniform", "seed": 0, "history": [{"step": 1000, "fd": 194.0}, {"step": 2000, "fd": 135.0}]},
+        {"preset": "speed", "seed": 0, "history": [{"step": 1000, "fd": 233.0}, {"step": 2000, "fd": 106.0}]},
+    ]
     rows = {(r["preset"], r["step"]): r for r in speedup_table(runs, "fd")}
     assert rows[("speed", 1000)]["upper_bound"] and rows[("speed", 1000)]["speedup"] == 1.0
     assert not rows[("uniform", 1000)]["upper_bound"] and not rows[("speed", 2000)]["upper_bound"]
@@ -48,10 +50,17 @@ def test_a_quality_the_baseline_beat_at_its_first_evaluation_is_an_upper_bound()
 
 def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp_path, capsys):
     first = tmp_path / "a.jsonl"  # session 1: uniform and speed, seed 0, to step 3000
-    first.write_text("\n".join(_progress_line(p, 0, s, 100.0 / s) for p in ("uniform", "speed") for s in (1000, 2000, 3000)) + "\n")
+    first.write_text(
+        "\n".join(_progress_line(p, 0, s, 100.0 / s) for p in ("uniform", "speed") for s in (1000, 2000, 3000)) + "\n"
+    )
     second = tmp_path / "b.jsonl"  # session 2: seed 1 of both; speed was cut at step 2000
-    second.write_text("\n".join([_progress_line("uniform", 1, s, 90.0 / s) for s in (1000, 2000, 3000)]
-                                 + [_progress_line("speed", 1, s, 80.0 / s) for s in (1000, 2000)]) + "\n")
+    second.write_text(
+        "\n".join(
+            [_progress_line("uniform", 1, s, 90.0 / s) for s in (1000, 2000, 3000)]
+            + [_progress_line("speed", 1, s, 80.0 / s) for s in (1000, 2000)]
+        )
+        + "\n"
+    )
     runs = runs_from_progress(str(first), str(second))
     assert sorted((r["preset"], r["seed"]) for r in runs) == [("speed", 0), ("uniform", 0), ("uniform", 1)]
     assert all([h["step"] for h in r["history"]] == [1000, 2000, 3000] for r in runs)
@@ -62,12 +71,36 @@ def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp
 
 def test_shortened_comparison_end_to_end(tmp_path):
     out = tmp_path / "conv"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "compare_convergence.py"), "--presets", "uniform", "speed",
-           "--seeds", "0", "--max_steps", "6", "--eval_every", "3", "--eval_samples_per_class", "2",
-           "--eval_inference_steps", "3", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
-           "--batch_size", "8", "--output_dir", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "compare_convergence.py"),
+        "--presets",
+        "uniform",
+        "speed",
+        "--seeds",
+        "0",
+        "--max_steps",
+        "6",
+        "--eval_every",
+        "3",
+        "--eval_samples_per_class",
+        "2",
+        "--eval_inference_steps",
+        "3",
+        "--num_layers",
+        "1",
+        "--hidden_size",
+        "32",
+        "--num_attention_heads",
+        "2",
+        "--batch_size",
+        "8",
+        "--output_dir",
+        str(out),
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("results.json", "table.md", "convergence.png", "progress.jsonl"):
         assert (out / name).is_file(), name
@@ -97,9 +130,15 @@ def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
 
     torch.manual_seed(0)
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
     ).save_pretrained(tmp_path / "vae")
     synthetic_latents(tmp_path / "latents", n=40)
     manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
@@ -110,13 +149,48 @@ def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
     np.savez(tmp_path / "ref.npz", arr_0=reference)
 
     out = tmp_path / "conv"
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "compare_convergence.py"), "--presets", "uniform", "speed",
-           "--seeds", "0", "--max_steps", "2", "--eval_every", "2", "--eval_samples_per_class", "1",
-           "--eval_inference_steps", "2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
-           "--batch_size", "4", "--train_data", str(tmp_path / "latents"), "--metric", "fid",
-           "--reference_batch", str(tmp_path / "ref.npz"), "--inception_weights", weights, "--output_dir", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "compare_convergence.py"),
+        "--presets",
+        "uniform",
+        "speed",
+        "--seeds",
+        "0",
+        "--max_steps",
+        "2",
+        "--eval_every",
+        "2",
+        "--eval_samples_per_class",
+        "1",
+        "--eval_inference_steps",
+        "2",
+        "--num_layers",
+        "1",
+        "--hidden_size",
+        "32",
+        "--num_attention_heads",
+        "2",
+        "--batch_size",
+        "4",
+        "--train_data",
+        str(tmp_path / "latents"),
+        "--metric",
+        "fid",
+        "--reference_batch",
+        str(tmp_path / "ref.npz"),
+        "--inception_weights",
+        weights,
+        "--output_dir",
+        str(out),
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads((out / "results.json").read_text())
     for run in data["runs"]:
@@ -125,8 +199,12 @@ def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
         assert 0 <= h["precision"] <= 1 and 0 <= h["recall"] <= 1
     assert "fid (mean ± std)" in (out / "table.md").read_text()
 
-    bad = subprocess.run(cmd[:cmd.index("--metric")] + ["--output_dir", str(out)], capture_output=True, text=True,
-                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    bad = subprocess.run(
+        cmd[: cmd.index("--metric")] + ["--output_dir", str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert bad.returncode == 2 and "use --metric fid --reference_batch" in bad.stderr
 
 
@@ -139,9 +217,9 @@ def test_compiled_training_follows_the_eager_run(monkeypatch):
 
     import torch
 
-    import speedit_scheduler.convergence as convergence
-    from speedit_scheduler.convergence import ClassifierMetric, ComparisonConfig, train_one
-    from speedit_scheduler.data import load_training_data
+    import speedit_scheduler.tools.convergence as convergence
+    from speedit_scheduler.data.loading import load_training_data
+    from speedit_scheduler.tools.convergence import ClassifierMetric, ComparisonConfig, train_one
 
     dataset = load_training_data("digits", None)
     metric = ClassifierMetric(dataset)
@@ -179,21 +257,22 @@ def test_ablation_options_fixed_variance_and_ddim():
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from speedit_scheduler import SpeeDiTScheduler
-    from speedit_scheduler.convergence import ClassifierMetric, ComparisonConfig, train_one
-    from speedit_scheduler.data import load_training_data
-    from speedit_scheduler.training import sampling_scheduler
+    from speedit_scheduler.data.loading import load_training_data
+    from speedit_scheduler.pipeline_speedit import training_sampler
+    from speedit_scheduler.tools.convergence import ClassifierMetric, ComparisonConfig, train_one
 
     training = SpeeDiTScheduler.from_preset("speed")
-    ddpm_fixed = sampling_scheduler(training, "ddpm", learned_variance=False, clip_sample=True)
-    ddpm_learned = sampling_scheduler(training, "ddpm", learned_variance=True, clip_sample=True)
-    ddim = sampling_scheduler(training, "ddim", learned_variance=True, clip_sample=False)
+    ddpm_fixed = training_sampler(training, "ddpm", learned_variance=False, clip_sample=True)
+    ddpm_learned = training_sampler(training, "ddpm", learned_variance=True, clip_sample=True)
+    ddim = training_sampler(training, "ddim", learned_variance=True, clip_sample=False)
     assert type(ddpm_fixed) is DDPMScheduler and ddpm_fixed.config.variance_type == "fixed_small"
     assert ddpm_learned.config.variance_type == "learned_range"
     assert type(ddim) is DDIMScheduler and not ddim.config.clip_sample and not ddim.config.set_alpha_to_one
     for s in (ddpm_fixed, ddpm_learned, ddim):
         torch.testing.assert_close(s.alphas_cumprod, training.alphas_cumprod)
-    with pytest.raises(ValueError, match="sampler 'euler' is unknown"):
-        sampling_scheduler(training, "euler", learned_variance=True, clip_sample=True)
+    assert ddpm_fixed.config.timestep_spacing == ddim.config.timestep_spacing == "linspace"
+    with pytest.raises(ValueError, match="sampler 'bogus' is unknown"):
+        training_sampler(training, "bogus", learned_variance=True, clip_sample=True)
 
     dataset = load_training_data("digits", None)
     config = ComparisonConfig(num_layers=1, hidden_size=32, num_attention_heads=2, batch_size=8, max_steps=2,
@@ -212,7 +291,10 @@ def test_presets_run_without_uniform_get_their_speedup_once_merged(tmp_path):
     added.write_text("\n".join(_progress_line("speedit-v1", 0, s, 50.0 / s) for s in (100, 200, 400)) + "\n")
     alone = markdown_table(runs_from_progress(str(added)), ["frechet_distance"])
     assert alone.count("no uniform run: merge one with --from_progress") == 3
-    rows = {(r["preset"], r["step"]): r for r in speedup_table(runs_from_progress(str(earlier), str(added)), "frechet_distance")}
+    rows = {
+        (r["preset"], r["step"]): r
+        for r in speedup_table(runs_from_progress(str(earlier), str(added)), "frechet_distance")
+    }
     assert rows[("speedit-v1", 100)]["speedup"] == 2.0 and rows[("speedit-v1", 200)]["speedup"] == 2.0
 
 
@@ -225,8 +307,8 @@ def test_denoising_error_by_region():
     import torch
 
     from speedit_scheduler import SpeeDiTScheduler
-    from speedit_scheduler.convergence import denoising_error_by_region
-    from speedit_scheduler.data import load_training_data
+    from speedit_scheduler.data.loading import load_training_data
+    from speedit_scheduler.tools.convergence import denoising_error_by_region
 
     dataset = load_training_data("digits", None)
     scheduler = SpeeDiTScheduler.from_preset("speed")
@@ -257,7 +339,12 @@ def test_the_published_mnist32_report_is_what_its_progress_files_give():
 
     report = Path(__file__).resolve().parents[1] / "docs" / "convergence-mnist32"
     runs = runs_from_progress(str(report / "progress-seed0.jsonl"), str(report / "progress-seed1.jsonl"))
-    assert sorted((r["preset"], r["seed"]) for r in runs) == [("speed", 0), ("speed", 1), ("uniform", 0), ("uniform", 1)]
+    assert sorted((r["preset"], r["seed"]) for r in runs) == [
+        ("speed", 0),
+        ("speed", 1),
+        ("uniform", 0),
+        ("uniform", 1),
+    ]
     assert all(r["history"][-1]["step"] == 10000 for r in runs)
     table = markdown_table(runs, ["frechet_distance", "accuracy"])
     assert table in (report / "table.md").read_text()

@@ -13,7 +13,8 @@ import pytest
 import torch
 from diffusers.models.embeddings import get_2d_sincos_pos_embed, get_timestep_embedding
 
-from speedit_scheduler.conversion import (
+from speedit_scheduler.data.class_names import imagenet_class_names, imagenet_synsets
+from speedit_scheduler.tools.conversion import (
     compare_with_original,
     convert_dit_state_dict,
     infer_dit_config,
@@ -23,7 +24,6 @@ from speedit_scheduler.conversion import (
     sincos_position_table,
     timestep_sinusoid,
 )
-from speedit_scheduler.imagenet import IMAGENET_SYNSETS, imagenet_class_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "convert_dit_checkpoint.py")
@@ -60,9 +60,15 @@ def tiny_vae(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
     ).save_pretrained(path)
     return str(path)
 
@@ -96,9 +102,9 @@ def test_pos_embed_table_is_diffusers_table(hidden, grid):
 
 def test_imagenet_class_names():
     names = imagenet_class_names()
-    assert len(names) == 1000 and len(IMAGENET_SYNSETS) == 1000
-    assert list(IMAGENET_SYNSETS) == sorted(IMAGENET_SYNSETS) and len(set(IMAGENET_SYNSETS)) == 1000
-    assert IMAGENET_SYNSETS[0] == "n01440764" and names[0] == "tench, Tinca tinca"
+    assert len(names) == 1000 and len(imagenet_synsets()) == 1000
+    assert list(imagenet_synsets()) == sorted(imagenet_synsets()) and len(set(imagenet_synsets())) == 1000
+    assert imagenet_synsets()[0] == "n01440764" and names[0] == "tench, Tinca tinca"
     assert names[207] == "golden retriever" and names[999] == "toilet tissue, toilet paper, bathroom tissue"
 
 
@@ -123,10 +129,16 @@ def test_mapping_exact_and_sinusoid_difference():
     assert (out[2] - original[2]).abs().max() > 1e-3
     # Every block got its own copy of the shared embedder.
     blocks = model.transformer_blocks
-    assert blocks[0].norm1.emb.timestep_embedder.linear_1.weight.data_ptr() != \
-        blocks[1].norm1.emb.timestep_embedder.linear_1.weight.data_ptr()
-    torch.testing.assert_close(blocks[1].norm1.emb.class_embedder.embedding_table.weight,
-                               sd["y_embedder.embedding_table.weight"], atol=0, rtol=0)
+    assert (
+        blocks[0].norm1.emb.timestep_embedder.linear_1.weight.data_ptr()
+        != blocks[1].norm1.emb.timestep_embedder.linear_1.weight.data_ptr()
+    )
+    torch.testing.assert_close(
+        blocks[1].norm1.emb.class_embedder.embedding_table.weight,
+        sd["y_embedder.embedding_table.weight"],
+        atol=0,
+        rtol=0,
+    )
     # DiT's epsilon in every LayerNorm (diffusers' default would give the MLP norm 1e-5).
     assert all(b.norm1.norm.eps == 1e-6 and b.norm3.eps == 1e-6 for b in blocks) and model.norm_out.eps == 1e-6
 
@@ -144,15 +156,26 @@ def test_shapes_infer_preset_and_variants():
     # Shapes are all the inference reads: a DiT-S/4 layout (fixed sigma) on the meta device costs nothing.
     d, p = 384, 4
     shapes = {
-        "x_embedder.proj.weight": (d, 4, p, p), "x_embedder.proj.bias": (d,), "pos_embed": (1, 16, d),
-        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,), "t_embedder.mlp.2.weight": (d, d),
-        "t_embedder.mlp.2.bias": (d,), "y_embedder.embedding_table.weight": (1001, d),
-        "final_layer.linear.weight": (p * p * 4, d), "final_layer.linear.bias": (p * p * 4,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,),
+        "x_embedder.proj.weight": (d, 4, p, p),
+        "x_embedder.proj.bias": (d,),
+        "pos_embed": (1, 16, d),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
+        "y_embedder.embedding_table.weight": (1001, d),
+        "final_layer.linear.weight": (p * p * 4, d),
+        "final_layer.linear.bias": (p * p * 4,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": (2 * d,),
     }
     for i in range(12):
-        for name, out_features in [("attn.qkv", 3 * d), ("attn.proj", d), ("mlp.fc1", 4 * d),
-                                   ("adaLN_modulation.1", 6 * d)]:
+        for name, out_features in [
+            ("attn.qkv", 3 * d),
+            ("attn.proj", d),
+            ("mlp.fc1", 4 * d),
+            ("adaLN_modulation.1", 6 * d),
+        ]:
             shapes[f"blocks.{i}.{name}.weight"], shapes[f"blocks.{i}.{name}.bias"] = (out_features, d), (out_features,)
         shapes[f"blocks.{i}.mlp.fc2.weight"], shapes[f"blocks.{i}.mlp.fc2.bias"] = (d, 4 * d), (d,)
     sd = {k: torch.empty(v, device="meta") for k, v in shapes.items()}
@@ -186,8 +209,15 @@ def train_checkpoint(path, num_classes=1000):
     """DiT train.py's format: {"model", "ema", "opt", "args"}, the model saved through DDP."""
     raw, ema = tiny_state_dict(seed=1, num_classes=num_classes), tiny_state_dict(seed=2, num_classes=num_classes)
     args = argparse.Namespace(model="DiT-custom", image_size=64, num_classes=num_classes, global_batch_size=256)
-    torch.save({"model": {"module." + k: v for k, v in raw.items()}, "ema": ema,
-                "opt": {"state": {}, "param_groups": []}, "args": args}, path)
+    torch.save(
+        {
+            "model": {"module." + k: v for k, v in raw.items()},
+            "ema": ema,
+            "opt": {"state": {}, "param_groups": []},
+            "args": args,
+        },
+        path,
+    )
     return raw, ema
 
 
@@ -211,9 +241,25 @@ def test_cli_round_trip(tmp_path, tiny_vae):
     ckpt, out = str(tmp_path / "0400000.pt"), str(tmp_path / "converted")
     _, ema = train_checkpoint(ckpt)
     result = subprocess.run(
-        [sys.executable, SCRIPT, "--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae,
-         "--num_attention_heads", str(HEADS), "--speedit", "speed", "--verify"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            SCRIPT,
+            "--checkpoint",
+            ckpt,
+            "--output_dir",
+            out,
+            "--vae",
+            tiny_vae,
+            "--num_attention_heads",
+            str(HEADS),
+            "--speedit",
+            "speed",
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "weights: ema" in result.stdout and "1000 classes" in result.stdout and "| 999 |" in result.stdout
@@ -223,11 +269,20 @@ def test_cli_round_trip(tmp_path, tiny_vae):
     assert pipe.get_label_ids(["tench", "Tinca tinca", "goldfish", "toilet tissue"]) == [0, 0, 1, 999]
     with open(os.path.join(out, "model_index.json")) as f:
         assert json.load(f)["id2label"]["0"] == "tench, Tinca tinca"
-    torch.testing.assert_close(pipe.transformer.state_dict()["transformer_blocks.0.attn1.to_k.weight"],
-                               ema["blocks.0.attn.qkv.weight"][64:128], atol=0, rtol=0)
+    torch.testing.assert_close(
+        pipe.transformer.state_dict()["transformer_blocks.0.attn1.to_k.weight"],
+        ema["blocks.0.attn.qkv.weight"][64:128],
+        atol=0,
+        rtol=0,
+    )
     assert SpeeDiTScheduler.from_pretrained(os.path.join(out, "training_scheduler")).config.timestep_sampling == "speed"
-    images = pipe(class_labels=[0, 999], num_inference_steps=2, guidance_scale=4.0,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
+    images = pipe(
+        class_labels=[0, 999],
+        num_inference_steps=2,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
 
 
@@ -242,15 +297,29 @@ def test_cli_dtype_and_raw(tmp_path, tiny_vae, script):
 
     ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
     raw, _ = train_checkpoint(ckpt, num_classes=10)
-    script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4",
-                 "--use_raw", "--dtype", "bfloat16"])
+    script.main(
+        [
+            "--checkpoint",
+            ckpt,
+            "--output_dir",
+            out,
+            "--vae",
+            tiny_vae,
+            "--num_attention_heads",
+            "4",
+            "--use_raw",
+            "--dtype",
+            "bfloat16",
+        ]
+    )
     weight = saved_transformer(out)["proj_out_2.weight"]
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, raw["final_layer.linear.weight"].bfloat16())
     # An existing output folder is refused, then accepted with --overwrite.
     with pytest.raises(ValueError, match="is not empty.*--overwrite"):
         script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4"])
-    script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4",
-                 "--overwrite"])
+    script.main(
+        ["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4", "--overwrite"]
+    )
     assert saved_transformer(out)["proj_out_2.weight"].dtype == torch.float32
     assert DiTTransformer2DModel.from_pretrained(out, subfolder="transformer").config.num_embeds_ada_norm == 10
 
@@ -268,8 +337,14 @@ def _without(sd, key):
         (lambda sd: _without(sd, "blocks.1.mlp.fc2.bias"), r"missing blocks\.1\.mlp\.fc2\.bias"),
         (lambda sd: _without(sd, "pos_embed"), r"missing pos_embed"),
         (lambda sd: {**sd, "blocks.0.attn.q_norm.weight": torch.ones(16)}, r"unexpected keys blocks\.0\.attn\.q_norm"),
-        (lambda sd: {**sd, "blocks.0.mlp.fc1.weight": torch.zeros(128, 64), "blocks.0.mlp.fc1.bias": torch.zeros(128)},
-         r"blocks\.0\.mlp\.fc1\.weight has shape \(128, 64\)"),
+        (
+            lambda sd: {
+                **sd,
+                "blocks.0.mlp.fc1.weight": torch.zeros(128, 64),
+                "blocks.0.mlp.fc1.bias": torch.zeros(128),
+            },
+            r"blocks\.0\.mlp\.fc1\.weight has shape \(128, 64\)",
+        ),
         (lambda sd: {**sd, "x_embedder.proj.weight": torch.zeros(64, 4, 3, 3)}, r"patch size 3"),
         (lambda sd: {**sd, "final_layer.linear.weight": torch.zeros(20, 64)}, r"final_layer\.linear\.weight has 20"),
         (lambda sd: {**sd, "pos_embed": sd["pos_embed"] + 0.01}, r"pos_embed differs"),
@@ -315,7 +390,9 @@ def test_cli_error_is_one_line(tmp_path):
     (out / "file.txt").write_text("keep me")
     result = subprocess.run(
         [sys.executable, SCRIPT, "--checkpoint", str(tmp_path / "x.pt"), "--output_dir", str(out)],
-        capture_output=True, text=True, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "is not empty" in result.stderr and "--overwrite" in result.stderr

@@ -14,7 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from speedit_scheduler.evaluation import (
+from speedit_scheduler.evaluation.inception import (
+    WEIGHTS_FILE_NAME,
+    WEIGHTS_URL,
+    InceptionV3FID,
+    InceptionWeightsNotFoundError,
+    load_inception,
+    resize_bilinear_tf1,
+    resolve_inception_weights,
+)
+from speedit_scheduler.evaluation.metrics import (
     FIDMetric,
     ImageNpz,
     InceptionFeatures,
@@ -27,15 +36,6 @@ from speedit_scheduler.evaluation import (
     inception_score,
     manifold_radii,
     precision_recall,
-)
-from speedit_scheduler.inception import (
-    WEIGHTS_FILE_NAME,
-    WEIGHTS_URL,
-    InceptionV3FID,
-    InceptionWeightsNotFoundError,
-    load_inception,
-    resize_bilinear_tf1,
-    resolve_inception_weights,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

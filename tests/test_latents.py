@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from speedit_scheduler.data import data_generator, load_training_data
-from speedit_scheduler.latents import LatentDataset, write_json_atomic, write_shard
+from speedit_scheduler.data.latents import LatentDataset, write_shard
+from speedit_scheduler.data.loading import load_training_data
+from speedit_scheduler.utils import atomic_write_json, seeded_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
@@ -44,16 +45,37 @@ def vae_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("vae")
     torch.manual_seed(0)
     AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=32,
     ).save_pretrained(path)
     return path
 
 
 def extract_args(images, vae_dir, out, *extra):
-    return ["--input_dir", str(images), "--output_dir", str(out), "--vae", str(vae_dir), "--resolution", "32",
-            "--shard_size", "4", "--batch_size", "3", "--num_workers", "0", *extra]
+    return [
+        "--input_dir",
+        str(images),
+        "--output_dir",
+        str(out),
+        "--vae",
+        str(vae_dir),
+        "--resolution",
+        "32",
+        "--shard_size",
+        "4",
+        "--batch_size",
+        "3",
+        "--num_workers",
+        "0",
+        *extra,
+    ]
 
 
 def two_process_launcher():
@@ -62,8 +84,15 @@ def two_process_launcher():
     with socket.socket() as sock:  # a fresh rendezvous port per launch
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-            os.path.join(ROOT, "accelerate_configs", "cpu.yaml"), "--main_process_port", str(port)]
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
+        "--main_process_port",
+        str(port),
+    ]
 
 
 def run_extract(args, kill_at=None, launcher=None):
@@ -98,7 +127,8 @@ def reference_crop(path, size):
 def shard_tensors(folder):
     return {
         f"{name}/{key}": value
-        for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")
+        for name in sorted(os.listdir(folder))
+        if name.endswith(".safetensors")
         for key, value in load_file(os.path.join(folder, name)).items()
     }
 
@@ -137,7 +167,10 @@ def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted
     out = tmp_path / "killed"
     killed = run_extract(extract_args(images, vae_dir, out), kill_at="shard:2")
     assert killed.returncode == -9
-    assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == [
+        "shard-00000.safetensors",
+        "shard-00001.safetensors",
+    ]
     with pytest.raises(ValueError, match="incomplete"):
         LatentDataset(str(out))
     resumed = run_extract(extract_args(images, vae_dir, out))
@@ -168,8 +201,23 @@ def test_two_processes_write_what_one_process_writes(images, vae_dir, extracted,
 
 def test_extraction_from_a_datasets_imagefolder(images, vae_dir, tmp_path):
     out = tmp_path / "hf"
-    args = ["--dataset_name", "imagefolder", "--data_dir", str(images), "--output_dir", str(out), "--vae",
-            str(vae_dir), "--resolution", "32", "--num_workers", "0", "--dtype", "bfloat16", "--no_flip"]
+    args = [
+        "--dataset_name",
+        "imagefolder",
+        "--data_dir",
+        str(images),
+        "--output_dir",
+        str(out),
+        "--vae",
+        str(vae_dir),
+        "--resolution",
+        "32",
+        "--num_workers",
+        "0",
+        "--dtype",
+        "bfloat16",
+        "--no_flip",
+    ]
     extract_latents.main(args)
     dataset = LatentDataset(str(out))
     assert dataset.class_names == CLASSES and len(dataset) == 15 and dataset.num_flips == 1
@@ -220,12 +268,24 @@ def synthetic_latents(folder, dtype="float32", n=64, seed=0):
         sl = slice(part, min(part + 24, n))
         write_shard(os.path.join(folder, name), moments[sl], labels[sl], torch.arange(n)[sl], dtype)
         shards.append({"file": name, "num_samples": len(labels[sl])})
-    write_json_atomic(os.path.join(folder, "manifest.json"), {
-        "format": "speedit-latents", "version": 1, "complete": True, "num_samples": n, "dtype": dtype,
-        "flips": True, "resolution": 64, "latent_shape": [4, 8, 8], "shards": shards, "skipped": [],
-        "class_names": [f"c{i}" for i in range(5)], "source": {"name": "synthetic"},
-        "vae": {"name_or_path": "some/vae", "scaling_factor": 0.5, "shift_factor": None, "latent_channels": 4},
-    })
+    atomic_write_json(
+        os.path.join(folder, "manifest.json"),
+        {
+            "format": "speedit-latents",
+            "version": 1,
+            "complete": True,
+            "num_samples": n,
+            "dtype": dtype,
+            "flips": True,
+            "resolution": 64,
+            "latent_shape": [4, 8, 8],
+            "shards": shards,
+            "skipped": [],
+            "class_names": [f"c{i}" for i in range(5)],
+            "source": {"name": "synthetic"},
+            "vae": {"name_or_path": "some/vae", "scaling_factor": 0.5, "shift_factor": None, "latent_channels": 4},
+        },
+    )
     return mean, std, labels
 
 
@@ -234,7 +294,7 @@ def test_latent_dataset_draws_posterior_samples_and_flips(tmp_path):
     dataset = load_training_data(str(tmp_path / "lat"))
     assert isinstance(dataset, LatentDataset) and dataset.sample_shape == (4, 8, 8) and dataset.num_classes == 5
     index = torch.tensor([3, 40, 63, 3])
-    draws = [dataset.get_batch(index, data_generator(0, 0, step)) for step in range(400)]
+    draws = [dataset.get_batch(index, seeded_generator("data", 0, 0, step)) for step in range(400)]
     samples = torch.stack([d["samples"] for d in draws]) / 0.5  # undo the scaling factor
     assert all(torch.equal(d["class_labels"], labels[index]) for d in draws)
     mirrored = samples.mean(dim=(2, 3, 4)) > 50
@@ -244,7 +304,7 @@ def test_latent_dataset_draws_posterior_samples_and_flips(tmp_path):
             chosen = samples[mirrored[:, j] == bool(flip), j]
             z = (chosen - mean[i, flip]) / std[i, flip]  # standard normal if mean and std are right
             assert abs(z.mean()) < 5 / np.sqrt(z.numel()) and abs(z.std() - 1) < 0.03
-    again = dataset.get_batch(index, data_generator(0, 0, 7))["samples"]
+    again = dataset.get_batch(index, seeded_generator("data", 0, 0, 7))["samples"]
     assert torch.equal(again, draws[7]["samples"])  # a pure function of (seed, process, step)
     assert not torch.equal(draws[7]["samples"], draws[8]["samples"])
 
@@ -282,15 +342,41 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
 
     out, _ = extracted
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
-    cmd = [sys.executable, os.path.join(ROOT, "train_dit.py"), "--train_data", str(out), "--model", "S/2",
-           "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2", "--train_batch_size", "4",
-           "--max_train_steps", "2", "--validation_steps", "1000", "--validation_inference_steps", "2",
-           "--validation_images_per_class", "1", "--report_to", "none", "--output_dir", str(tmp_path / "model")]
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train_dit.py"),
+        "--train_data",
+        str(out),
+        "--model",
+        "S/2",
+        "--num_layers",
+        "1",
+        "--hidden_size",
+        "32",
+        "--num_attention_heads",
+        "2",
+        "--train_batch_size",
+        "4",
+        "--max_train_steps",
+        "2",
+        "--validation_steps",
+        "1000",
+        "--validation_inference_steps",
+        "2",
+        "--validation_images_per_class",
+        "1",
+        "--report_to",
+        "none",
+        "--output_dir",
+        str(tmp_path / "model"),
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
     assert type(pipe).__name__ == "DiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
-    image = pipe(class_labels=[1], guidance_scale=1.0, num_inference_steps=2, output_type="np").images  # stock null class is 1000
+    image = pipe(
+        class_labels=[1], guidance_scale=1.0, num_inference_steps=2, output_type="np"
+    ).images  # stock null class is 1000
     assert image.shape == (1, 32, 32, 3)
 
 
@@ -299,12 +385,32 @@ def test_benchmark_data_reports_every_mode(extracted, vae_dir, tmp_path):
 
     out, _ = extracted
     report = tmp_path / "data.json"
-    benchmark_data.main(["--num_samples", "64", "--latent_size", "4", "--batch_size", "16", "--num_batches", "2",
-                         "--repeats", "2", "--dtypes", "float32", "bfloat16", "--json", str(report)])
+    benchmark_data.main(
+        [
+            "--num_samples",
+            "64",
+            "--latent_size",
+            "4",
+            "--batch_size",
+            "16",
+            "--num_batches",
+            "2",
+            "--repeats",
+            "2",
+            "--dtypes",
+            "float32",
+            "bfloat16",
+            "--json",
+            str(report),
+        ]
+    )
     rows = json.loads(report.read_text())["results"]
     assert [(r.get("dtype"), r.get("work")) for r in rows[:4]] == [
-        ("float32", "host side of a GPU run"), ("float32", "all on CPU (noise too)"),
-        ("bfloat16", "host side of a GPU run"), ("bfloat16", "all on CPU (noise too)")]
+        ("float32", "host side of a GPU run"),
+        ("float32", "all on CPU (noise too)"),
+        ("bfloat16", "host side of a GPU run"),
+        ("bfloat16", "all on CPU (noise too)"),
+    ]
     assert rows[0]["bytes_per_sample"] > rows[2]["bytes_per_sample"] > 2 * 2 * 8 * 4 * 4  # fp32 twice bf16, + header
     assert rows[4]["dataset"] == "digits" and all(r["samples_per_s"] > 0 for r in rows)
 
@@ -313,14 +419,29 @@ def test_benchmark_data_reports_every_mode(extracted, vae_dir, tmp_path):
     # round-to-nearest: relative error at most 2^-11 (fp16) and 2^-8 (bf16), in RMS well below that
     assert 0 < errors["float16"]["relative_to_mean_rms"] < 2**-11 < errors["bfloat16"]["relative_to_mean_rms"] < 2**-8
 
-    benchmark_data.main(["--extraction", "--vae", str(vae_dir), "--resolution", "32", "--batch_size", "2",
-                         "--num_batches", "1", "--repeats", "1", "--json", str(report)])
+    benchmark_data.main(
+        [
+            "--extraction",
+            "--vae",
+            str(vae_dir),
+            "--resolution",
+            "32",
+            "--batch_size",
+            "2",
+            "--num_batches",
+            "1",
+            "--repeats",
+            "1",
+            "--json",
+            str(report),
+        ]
+    )
     (row,) = json.loads(report.read_text())["results"]
     assert row["mode"] == "extraction" and row["images_per_s"] > 0
 
 
 def test_imagenet_synset_folders_get_class_names(tmp_path):
-    from speedit_scheduler.extraction import folder_source
+    from speedit_scheduler.data.extraction import folder_source
 
     for synset in ("n02099601", "n01440764"):
         os.makedirs(tmp_path / synset)

@@ -25,9 +25,10 @@ def reference_vb_bits(eps, v, x0, xt, t, betas):
         abar_t, abar_prev = abar[ti], (abar[ti - 1] if ti > 0 else 1.0)
         beta = betas[ti]
         # Eq. 7: true posterior q(x_{t-1} | x_t, x_0).
-        mu_true = math.sqrt(abar_prev) * beta / (1 - abar_t) * x0[i] + math.sqrt(alphas[ti]) * (1 - abar_prev) / (
-            1 - abar_t
-        ) * xt[i]
+        mu_true = (
+            math.sqrt(abar_prev) * beta / (1 - abar_t) * x0[i]
+            + math.sqrt(alphas[ti]) * (1 - abar_prev) / (1 - abar_t) * xt[i]
+        )
         beta_tilde = lambda s: (1 - abar[s - 1]) / (1 - abar[s]) * betas[s]  # noqa: E731
         log_beta_tilde = math.log(beta_tilde(max(ti, 1)))  # log(0) at t = 0 is replaced by t = 1's
         # Eq. 11: model mean from the predicted noise.
@@ -73,7 +74,11 @@ def test_vb_term_matches_the_papers_formulas(preset):
     xt = abar[t].sqrt().view(-1, 1, 1, 1) * x0 + (1 - abar[t]).sqrt().view(-1, 1, 1, 1) * noise
     result = loss(output, x0, xt, noise, t, torch.ones(len(t), dtype=torch.float64))
     expected = reference_vb_bits(
-        output[:, :3].numpy(), output[:, 3:].numpy(), x0.numpy(), xt.numpy(), t.numpy(),
+        output[:, :3].numpy(),
+        output[:, 3:].numpy(),
+        x0.numpy(),
+        xt.numpy(),
+        t.numpy(),
         scheduler.betas_float64.numpy(),
     )
     assert np.abs(result.vb.numpy() - expected).max() <= 1e-6
@@ -161,7 +166,7 @@ def test_model_with_loss_is_the_same_step_in_one_graph():
     import copy
 
     from speedit_scheduler.models import create_dit, disable_internal_label_dropout
-    from speedit_scheduler.training import ModelWithLoss, training_step_loss
+    from speedit_scheduler.training.engine import ModelWithLoss, training_step_loss
 
     scheduler = SpeeDiTScheduler.from_preset("speed")
     loss_fn = DiTLoss(scheduler)
@@ -190,4 +195,6 @@ def test_model_with_loss_is_the_same_step_in_one_graph():
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             explained = torch._dynamo.explain(fused)(*inputs)
         assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
-    assert all(hasattr(table, "_dynamo_static_input_type") for table in loss_fn.tables_on("cpu", torch.float32).values())
+    assert all(
+        hasattr(table, "_dynamo_static_input_type") for table in loss_fn.tables_on("cpu", torch.float32).values()
+    )

@@ -7,8 +7,8 @@ from speedit_scheduler.models import (
     DIT_PRESETS,
     count_parameters,
     create_dit,
-    dit_config,
     disable_internal_label_dropout,
+    dit_config,
     drop_labels,
 )
 
@@ -25,7 +25,10 @@ def tiny(seed=0, **kwargs):
 def test_presets(preset, depth, hidden, heads, patch):
     config = dit_config(preset)
     assert config["num_layers"] == depth and config["patch_size"] == patch
-    assert config["num_attention_heads"] == heads and config["num_attention_heads"] * config["attention_head_dim"] == hidden
+    assert (
+        config["num_attention_heads"] == heads
+        and config["num_attention_heads"] * config["attention_head_dim"] == hidden
+    )
     assert config["in_channels"] == 4 and config["out_channels"] == 8  # learned sigma
     assert config["num_embeds_ada_norm"] == 1000 and config["sample_size"] == 32 and config["norm_eps"] == 1e-6
     assert len(DIT_PRESETS) == 12

@@ -14,13 +14,10 @@ from PIL import Image
 
 import sample_dit
 from speedit_scheduler import SpeeDiTPipeline, dit_config
+from speedit_scheduler.data.class_names import resolve_class_labels
+from speedit_scheduler.evaluation.grids import CAPTION_HEIGHT
+from speedit_scheduler.evaluation.mass_sampling import ShardPlan, sample_labels_and_generators
 from speedit_scheduler.pipeline_speedit import dit_respaced_timesteps, use_float64_tables
-from speedit_scheduler.sampling import (
-    CAPTION_HEIGHT,
-    ShardPlan,
-    resolve_class_labels,
-    sample_labels_and_generators,
-)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIXEL_NAMES = {0: "zero, nought", 1: "one", 2: "golden retriever", 3: "tabby, tabby cat", 4: "tiger cat"}
@@ -28,8 +25,15 @@ PIXEL_NAMES = {0: "zero, nought", 1: "one", 2: "golden retriever", 3: "tabby, ta
 
 def tiny_dit(channels: int, size: int, num_classes: int, seed: int = 0) -> DiTTransformer2DModel:
     """PyTorch's default init (DiT's zero-init would predict 0), outputs scaled to a sane range."""
-    config = dit_config("S/2", sample_size=size, in_channels=channels, num_classes=num_classes, num_layers=1,
-                        hidden_size=32, num_attention_heads=2)
+    config = dit_config(
+        "S/2",
+        sample_size=size,
+        in_channels=channels,
+        num_classes=num_classes,
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=2,
+    )
     torch.manual_seed(seed)
     model = DiTTransformer2DModel(**config)
     with torch.no_grad():
@@ -50,9 +54,15 @@ def latent_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("latent")
     torch.manual_seed(0)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=8,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=8,
     )
     scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
     id2label = {i: f"class {i}" for i in range(1000)}
@@ -150,15 +160,26 @@ def test_faithful_sampler_equals_reference_loop(guidance_channels, num_steps):
     pipe = SpeeDiTPipeline(model, scheduler)
     pipe.set_progress_bar_config(disable=True)
     labels, seeds = [3, 7, 7], [11, 12, 13]
-    got = pipe(labels, guidance_scale=4.0, generator=[torch.Generator().manual_seed(s) for s in seeds],
-               num_inference_steps=num_steps, output_type="latent", guidance_channels=guidance_channels).images
+    got = pipe(
+        labels,
+        guidance_scale=4.0,
+        generator=[torch.Generator().manual_seed(s) for s in seeds],
+        num_inference_steps=num_steps,
+        output_type="latent",
+        guidance_channels=guidance_channels,
+    ).images
     expected = reference_dit_sampler(model, labels, 4.0, num_steps, seeds, guidance_channels)
     assert len(scheduler.timesteps) == num_steps
     assert expected.abs().max() > 0.5  # a real signal, not zeros
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     if guidance_channels is not None:  # guiding 3 channels is not guiding all of them
-        all_channels = pipe(labels, guidance_scale=4.0, generator=[torch.Generator().manual_seed(s) for s in seeds],
-                            num_inference_steps=num_steps, output_type="latent").images
+        all_channels = pipe(
+            labels,
+            guidance_scale=4.0,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            num_inference_steps=num_steps,
+            output_type="latent",
+        ).images
         assert (all_channels - got).abs().max() > 1e-2
 
 
@@ -171,8 +192,13 @@ def test_faithful_pipeline_from_a_loaded_stock_dit_pipeline(latent_dir):
     assert faithful.scheduler.config.variance_type == "learned_range" and not faithful.scheduler.config.clip_sample
     assert faithful.config.id2label[207] == "golden retriever"
     faithful.set_progress_bar_config(disable=True)
-    images = faithful([207, 1], guidance_scale=1.5, num_inference_steps=3, output_type="pt",
-                      generator=torch.Generator().manual_seed(0)).images
+    images = faithful(
+        [207, 1],
+        guidance_scale=1.5,
+        num_inference_steps=3,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     assert images.shape == (2, 3, 8, 8) and 0 <= images.min() and images.max() <= 1
 
     # With stock's choices (its DDIM scheduler, all channels guided) the pipeline is stock DiTPipeline.
@@ -183,7 +209,10 @@ def test_faithful_pipeline_from_a_loaded_stock_dit_pipeline(latent_dir):
     expected = stock(generator=torch.Generator().manual_seed(0), **kwargs).images
     got = same(generator=torch.Generator().manual_seed(0), **kwargs).images
     np.testing.assert_allclose(got, expected, atol=1e-5)
-    assert np.abs(got - same(generator=torch.Generator().manual_seed(0), guidance_channels=3, **kwargs).images).max() > 1e-3
+    assert (
+        np.abs(got - same(generator=torch.Generator().manual_seed(0), guidance_channels=3, **kwargs).images).max()
+        > 1e-3
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,26 +228,73 @@ def test_name_resolution():
 
 def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
     grid = tmp_path / "grid.png"
-    out = run_script(["--model", pixel_dir, "--class_labels", "1", "Golden_Retriever", "tabby", "--output", str(grid),
-                      "--output_dir", str(tmp_path / "singles"), "--num_inference_steps", "4", "--batch_size", "2"])
+    out = run_script(
+        [
+            "--model",
+            pixel_dir,
+            "--class_labels",
+            "1",
+            "Golden_Retriever",
+            "tabby",
+            "--output",
+            str(grid),
+            "--output_dir",
+            str(tmp_path / "singles"),
+            "--num_inference_steps",
+            "4",
+            "--batch_size",
+            "2",
+        ]
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     # 8x8 images are enlarged 8x to 64 px, one column per label, a caption strip under each
     assert Image.open(grid).size == (3 * 64, 64 + CAPTION_HEIGHT)
-    assert sorted(os.listdir(tmp_path / "singles")) == ["0000_class0001.png", "0001_class0002.png", "0002_class0003.png"]
+    assert sorted(os.listdir(tmp_path / "singles")) == [
+        "0000_class0001.png",
+        "0001_class0002.png",
+        "0002_class0003.png",
+    ]
     singles = [np.asarray(Image.open(tmp_path / "singles" / f)) for f in sorted(os.listdir(tmp_path / "singles"))]
     assert singles[0].shape == (8, 8) and not np.array_equal(singles[0], singles[1])
 
     # other schedulers, built from the learned-variance DDPM config, drop the variance channels
     for scheduler in ("ddim", "dpm-solver++", "euler-ancestral"):
-        sample_dit.main(["--model", pixel_dir, "--class_labels", "0", "--output", str(tmp_path / f"{scheduler}.png"),
-                         "--num_inference_steps", "3", "--scheduler", scheduler])
+        sample_dit.main(
+            [
+                "--model",
+                pixel_dir,
+                "--class_labels",
+                "0",
+                "--output",
+                str(tmp_path / f"{scheduler}.png"),
+                "--num_inference_steps",
+                "3",
+                "--scheduler",
+                scheduler,
+            ]
+        )
         assert Image.open(tmp_path / f"{scheduler}.png").size == (64, 64 + CAPTION_HEIGHT)
 
     # latent DiTPipeline folder (in-process: the script's main): faithful and stock DiTPipeline with DDIM
     for sampler in ("faithful", "diffusers"):
         grid = tmp_path / f"{sampler}.png"
-        sample_dit.main(["--model", latent_dir, "--class_labels", "golden retriever", "3", "--output", str(grid),
-                         "--num_inference_steps", "3", "--sampler", sampler, "--guidance_scale", "2"])
+        sample_dit.main(
+            [
+                "--model",
+                latent_dir,
+                "--class_labels",
+                "golden retriever",
+                "3",
+                "--output",
+                str(grid),
+                "--num_inference_steps",
+                "3",
+                "--sampler",
+                sampler,
+                "--guidance_scale",
+                "2",
+            ]
+        )
         assert Image.open(grid).size == (2 * 64, 64 + CAPTION_HEIGHT)
 
 
@@ -279,8 +355,18 @@ def assert_same_samples(a, b):
 
 
 def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_path):
-    common = ["--model", pixel_dir, "--num_samples", "10", "--batch_size", "4", "--num_inference_steps", "3",
-              "--guidance_scale", "2"]
+    common = [
+        "--model",
+        pixel_dir,
+        "--num_samples",
+        "10",
+        "--batch_size",
+        "4",
+        "--num_inference_steps",
+        "3",
+        "--guidance_scale",
+        "2",
+    ]
     sample_dit.main(common + ["--sample_dir", str(tmp_path / "a")])  # in-process: a plain single-process run
     merged = np.load(tmp_path / "a" / "samples_10.npz")
     assert merged["arr_0"].dtype == np.uint8 and merged["arr_0"].shape == (10, 8, 8, 3)  # NHWC, exactly N
@@ -303,8 +389,15 @@ def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_
     with socket.socket() as sock:  # a fresh rendezvous port
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                os.path.join(ROOT, "accelerate_configs", "cpu.yaml"), "--main_process_port", str(port)]
+    launcher = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
+        "--main_process_port",
+        str(port),
+    ]
     two = run_script(common + ["--sample_dir", str(tmp_path / "c")], launcher=launcher)
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "c" / "samples_10.npz")

@@ -216,8 +216,16 @@ def test_unknown_preset_raises():
 
 def test_save_pretrained_round_trip(tmp_path):
     s = SpeeDiTScheduler.from_preset(
-        "speedit-v1", speed_k=3.0, speed_tau=0.65, speed_lambda=0.8, dual_sampling=False, min_snr_gamma=4.0,
-        logit_mean=-0.5, logit_std=1.5, num_train_timesteps=800, beta_schedule="scaled_linear",
+        "speedit-v1",
+        speed_k=3.0,
+        speed_tau=0.65,
+        speed_lambda=0.8,
+        dual_sampling=False,
+        min_snr_gamma=4.0,
+        logit_mean=-0.5,
+        logit_std=1.5,
+        num_train_timesteps=800,
+        beta_schedule="scaled_linear",
     )
     s.save_pretrained(tmp_path)
     loaded = SpeeDiTScheduler.from_pretrained(tmp_path)

@@ -13,22 +13,37 @@ from safetensors.torch import load_file
 
 import train_dit
 from speedit_scheduler import SpeeDiTScheduler
-from speedit_scheduler.data import DeterministicOrder
-from speedit_scheduler.training import (
-    LerpEMAModel,
-    create_ema,
-    list_checkpoints,
-    resolve_resume_checkpoint,
-    save_checkpoint,
-    step_generator,
-)
+from speedit_scheduler.data.datasets import DeterministicOrder
+from speedit_scheduler.training.checkpoints import list_checkpoints, resolve_resume_checkpoint, save_checkpoint
+from speedit_scheduler.training.ema import LerpEMAModel, create_ema
+from speedit_scheduler.utils import seeded_generator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "--train_data", "digits", "--model", "S/2", "--num_layers", "2", "--hidden_size", "32",
-    "--num_attention_heads", "2", "--train_batch_size", "8", "--validation_steps", "1000",
-    "--validation_inference_steps", "4", "--validation_images_per_class", "1", "--report_to", "none",
-    "--logging_steps", "1", "--learning_rate", "1e-3",
+    "--train_data",
+    "digits",
+    "--model",
+    "S/2",
+    "--num_layers",
+    "2",
+    "--hidden_size",
+    "32",
+    "--num_attention_heads",
+    "2",
+    "--train_batch_size",
+    "8",
+    "--validation_steps",
+    "1000",
+    "--validation_inference_steps",
+    "4",
+    "--validation_images_per_class",
+    "1",
+    "--report_to",
+    "none",
+    "--logging_steps",
+    "1",
+    "--learning_rate",
+    "1e-3",
 ]
 
 
@@ -172,9 +187,9 @@ def test_processes_get_disjoint_samples_and_different_timesteps():
     epoch_two = torch.cat([order.indices(s, r) for s in range(2, 5) for r in range(3)])
     assert set(range(50)) <= set(seen) | set(epoch_two[:2].tolist()) | set(epoch_two.tolist())
     scheduler = SpeeDiTScheduler()
-    t0 = scheduler.sample_timesteps(32, step_generator(0, 0, 7, "cpu"))[0]
-    t1 = scheduler.sample_timesteps(32, step_generator(0, 1, 7, "cpu"))[0]
-    again = scheduler.sample_timesteps(32, step_generator(0, 0, 7, "cpu"))[0]
+    t0 = scheduler.sample_timesteps(32, seeded_generator("training", 0, 0, 7))[0]
+    t1 = scheduler.sample_timesteps(32, seeded_generator("training", 0, 1, 7))[0]
+    again = scheduler.sample_timesteps(32, seeded_generator("training", 0, 0, 7))[0]
     assert not torch.equal(t0, t1) and torch.equal(t0, again)
 
 
@@ -183,17 +198,34 @@ def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                os.path.join(ROOT, "accelerate_configs", "cpu.yaml"), "--main_process_port", str(port)]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
+            "--main_process_port",
+            str(port),
+        ]
 
     out = str(tmp_path / "ddp")
-    first = run_script(TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out],
-                       launcher=launcher())
+    first = run_script(
+        TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out], launcher=launcher()
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "global batch 16" in first.stderr + first.stdout
     second = run_script(
-        TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2", "--output_dir", out,
-                "--resume_from_checkpoint", "latest"],
+        TINY
+        + [
+            "--max_train_steps",
+            "6",
+            "--checkpointing_steps",
+            "2",
+            "--output_dir",
+            out,
+            "--resume_from_checkpoint",
+            "latest",
+        ],
         launcher=launcher(),
     )
     assert second.returncode == 0, second.stderr[-3000:]
@@ -212,9 +244,15 @@ def _tiny_vae(path):
     from diffusers import AutoencoderKL
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 8), latent_channels=4,
-        norm_num_groups=4, layers_per_block=1, sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8),
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=16,
     )
     vae.save_pretrained(path)
     return vae
@@ -225,15 +263,43 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path):
 
     _tiny_vae(tmp_path / "vae")
     rng = np.random.default_rng(0)
-    np.savez(tmp_path / "latents.npz", latents=rng.normal(size=(24, 4, 8, 8)).astype(np.float32),
-             labels=np.arange(24) % 3, class_names=np.array(["cat", "dog", "fish"]))
+    np.savez(
+        tmp_path / "latents.npz",
+        latents=rng.normal(size=(24, 4, 8, 8)).astype(np.float32),
+        labels=np.arange(24) % 3,
+        class_names=np.array(["cat", "dog", "fish"]),
+    )
     out = str(tmp_path / "out")
-    args = train_dit.parse_args([
-        "--train_data", str(tmp_path / "latents.npz"), "--pretrained_vae_model_name_or_path", str(tmp_path / "vae"),
-        "--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
-        "--train_batch_size", "4", "--max_train_steps", "2", "--checkpointing_steps", "2", "--report_to", "none",
-        "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--output_dir", out,
-    ])
+    args = train_dit.parse_args(
+        [
+            "--train_data",
+            str(tmp_path / "latents.npz"),
+            "--pretrained_vae_model_name_or_path",
+            str(tmp_path / "vae"),
+            "--model",
+            "S/2",
+            "--num_layers",
+            "1",
+            "--hidden_size",
+            "32",
+            "--num_attention_heads",
+            "2",
+            "--train_batch_size",
+            "4",
+            "--max_train_steps",
+            "2",
+            "--checkpointing_steps",
+            "2",
+            "--report_to",
+            "none",
+            "--validation_inference_steps",
+            "2",
+            "--validation_images_per_class",
+            "1",
+            "--output_dir",
+            out,
+        ]
+    )
     train_dit.main(args)
     pipe = DiffusionPipeline.from_pretrained(out)  # stock diffusers, no project import needed
     assert isinstance(pipe, DiTPipeline)
@@ -248,14 +314,15 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path):
 
 
 def _tiny_args(out, *extra):
-    return train_dit.parse_args(TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2",
-                                        "--output_dir", str(out), *extra])
+    return train_dit.parse_args(
+        TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out), *extra]
+    )
 
 
 def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, caplog):
     from huggingface_hub import HfApi
 
-    import speedit_scheduler.hub as hub
+    import speedit_scheduler.training.hub as hub
 
     calls = {"commits": [], "fail": 2}
     token = "test-secret-token-0123456789"
@@ -279,9 +346,7 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, ca
     assert len(calls["commits"]) == 1  # two failures, then a retry that succeeded
     repo_id, uploaded = calls["commits"][0]
     local = sorted(
-        os.path.relpath(os.path.join(d, f), out).replace(os.sep, "/")
-        for d, _, files in os.walk(out)
-        for f in files
+        os.path.relpath(os.path.join(d, f), out).replace(os.sep, "/") for d, _, files in os.walk(out) for f in files
     )
     local = [f for f in local if not f.startswith(("checkpoints/", "logs/"))]
     assert repo_id == "me/tiny-dit" and uploaded == local
@@ -292,7 +357,7 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, ca
 def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
-    import speedit_scheduler.hub as hub
+    import speedit_scheduler.training.hub as hub
 
     def always_fail(self, *args, **kwargs):
         raise OSError("500 Internal Server Error")
@@ -311,7 +376,7 @@ def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import speedit_scheduler.training as training
+    import speedit_scheduler.training.engine as training
 
     real = training.training_step_loss
     calls = {"n": 0}
@@ -363,12 +428,20 @@ def test_unwritable_output_dir(tmp_path):
 
 
 def test_bad_data_fails_before_training(tmp_path):
-    np.savez(tmp_path / "bad_labels.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 2, 7]),
-             class_names=np.array(["a", "b", "c"]))
+    np.savez(
+        tmp_path / "bad_labels.npz",
+        images=np.zeros((4, 8, 8), np.uint8),
+        labels=np.array([0, 1, 2, 7]),
+        class_names=np.array(["a", "b", "c"]),
+    )
     with pytest.raises(ValueError, match=r"labels span \[0, 7\] .* must lie in \[0, 3\)"):
         train_dit.main(_tiny_args(tmp_path / "o1", "--train_data", str(tmp_path / "bad_labels.npz")))
-    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 8, 8), np.uint8), labels=np.zeros(0, np.int64),
-             class_names=np.array(["a"]))
+    np.savez(
+        tmp_path / "empty.npz",
+        images=np.zeros((0, 8, 8), np.uint8),
+        labels=np.zeros(0, np.int64),
+        class_names=np.array(["a"]),
+    )
     with pytest.raises(ValueError, match="the dataset is empty"):
         train_dit.main(_tiny_args(tmp_path / "o2", "--train_data", str(tmp_path / "empty.npz")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -381,21 +454,40 @@ def test_bad_data_fails_before_training(tmp_path):
 def test_shortened_demo_generates_recognisable_digits(tmp_path):
     """The README demo's code path, shortened: class-conditional samples land in their class."""
     from speedit_scheduler import SpeeDiTPipeline
-    from speedit_scheduler.data import load_digits_dataset
-    from speedit_scheduler.evaluation import ReferenceClassifier
+    from speedit_scheduler.data.datasets import load_digits_dataset
+    from speedit_scheduler.evaluation.metrics import ReferenceClassifier
 
     out = tmp_path / "demo"
-    args = train_dit.parse_args(["--demo", "--output_dir", str(out), "--max_train_steps", "800",
-                                 "--ema_decay", "0.99", "--report_to", "none", "--validation_inference_steps", "20",
-                                 "--validation_images_per_class", "2"])
+    args = train_dit.parse_args(
+        [
+            "--demo",
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "800",
+            "--ema_decay",
+            "0.99",
+            "--report_to",
+            "none",
+            "--validation_inference_steps",
+            "20",
+            "--validation_images_per_class",
+            "2",
+        ]
+    )
     train_dit.main(args)
     assert os.path.isfile(out / "samples.png")
     digits = load_digits_dataset()
     classifier = ReferenceClassifier(digits.samples.float() / 255, digits.labels)
     pipe = SpeeDiTPipeline.from_pretrained(out)
     labels = [c for c in range(10) for _ in range(20)]
-    images = pipe(class_labels=labels, guidance_scale=2.0, num_inference_steps=50, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images
+    images = pipe(
+        class_labels=labels,
+        guidance_scale=2.0,
+        num_inference_steps=50,
+        output_type="pt",
+        generator=torch.Generator().manual_seed(0),
+    ).images
     accuracy = classifier.accuracy(images, labels)
     print(f"shortened demo: classifier accuracy of samples {accuracy:.3f} (chance 0.1)")
     assert accuracy > 0.5

@@ -16,27 +16,28 @@ import numpy as np
 import torch
 from diffusers import DiTTransformer2DModel
 
-from .data import ClassConditionalDataset, DeterministicOrder, TrainingDataset, data_generator, load_training_data
-from .evaluation import ReferenceClassifier
-from .losses import DiTLoss
-from .models import create_dit, disable_internal_label_dropout, null_class_label
-from .pipeline_speedit import SpeeDiTPipeline
-from .scheduling_speedit import SpeeDiTScheduler
-from .training import (
+from ..data import ClassConditionalDataset, DeterministicOrder, TrainingDataset, load_training_data
+from ..evaluation.metrics import FIDMetric, ReferenceClassifier
+from ..losses import DiTLoss
+from ..models import create_dit, disable_internal_label_dropout, null_class_label
+from ..pipeline_speedit import SpeeDiTPipeline, training_sampler
+from ..scheduling_speedit import SpeeDiTScheduler
+from ..training.ema import create_ema
+from ..training.engine import (
     ModelWithLoss,
     TimestepQuartileLoss,
     compile_model,
-    create_ema,
     mark_compiled_step,
-    sampling_scheduler,
-    step_generator,
     training_step_loss,
 )
+from ..utils import seeded_generator
 
 
 @dataclass
 class ComparisonConfig:
-    presets: list[str] = field(default_factory=lambda: ["uniform", "speed", "speedit-v1", "min-snr", "p2", "logit-normal"])
+    presets: list[str] = field(
+        default_factory=lambda: ["uniform", "speed", "speedit-v1", "min-snr", "p2", "logit-normal"]
+    )
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     train_data: str = "digits"
     resolution: int | None = None
@@ -92,10 +93,10 @@ def build_metric(config: ComparisonConfig, dataset: TrainingDataset):
     if config.metric == "classifier":
         return ClassifierMetric(dataset)
     if config.metric == "fid":
-        from .evaluation import FIDMetric
-
         if not config.reference_batch:
-            raise ValueError("--metric fid needs --reference_batch REF.npz (make one with scripts/evaluate.py --make_reference).")
+            raise ValueError(
+                "--metric fid needs --reference_batch REF.npz (make one with scripts/evaluate.py --make_reference)."
+            )
         metric = FIDMetric(config.reference_batch, config.inception_weights, device=config.device)
         metric.keys = list(metric.lower_is_better)
         return metric
@@ -119,11 +120,11 @@ def generate(
     model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int, vae=None
 ):
     learned = model.config.out_channels == 2 * model.config.in_channels
-    sampler = sampling_scheduler(scheduler, config.eval_sampler, learned_variance=learned, clip_sample=vae is None)
+    sampler = training_sampler(scheduler, config.eval_sampler, learned_variance=learned, clip_sample=vae is None)
     pipeline = SpeeDiTPipeline(transformer=model, scheduler=sampler, vae=vae).to(config.device)
     pipeline.set_progress_bar_config(disable=True)
     labels = [c for c in range(num_classes) for _ in range(per_class)]
-    generator = torch.Generator(device=config.device).manual_seed(10_000 + seed)
+    generator = seeded_generator("evaluation", seed, device=config.device)
     images = pipeline(
         class_labels=labels,
         guidance_scale=config.guidance_scale,
@@ -197,7 +198,9 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
     model_with_loss = None
     if config.compile or config.compile_mode is not None:
         model, model_with_loss = _compiled_training_module(model, loss_fn, device, config.compile_mode)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
+    )
     ema = create_ema(model, config.ema_decay)
     ema.to(device)
     order = DeterministicOrder(len(dataset), config.batch_size, 1, seed)
@@ -213,13 +216,22 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
     since = (0, start)  # (step, time) of the last rate report or evaluation
     loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: no sync per step
     for step in range(1, config.max_steps + 1):
-        batch = dataset.get_batch(order.indices(step - 1, 0), data_generator(seed, 0, step - 1), device=device)
-        generator = step_generator(seed, 0, step - 1, device)
+        batch = dataset.get_batch(
+            order.indices(step - 1, 0), seeded_generator("data", seed, 0, step - 1), device=device
+        )
+        generator = seeded_generator("training", seed, 0, step - 1, device=device)
         mark_compiled_step(config.compile_mode)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = training_step_loss(
-                model, scheduler, loss_fn, batch["samples"], batch["class_labels"], generator,
-                config.class_dropout_prob, null_label, model_with_loss,
+                model,
+                scheduler,
+                loss_fn,
+                batch["samples"],
+                batch["class_labels"],
+                generator,
+                config.class_dropout_prob,
+                null_label,
+                model_with_loss,
             )
         out.loss.backward()
         optimizer.step()
@@ -251,7 +263,11 @@ def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: Trainin
             if config.progress_path:
                 with open(config.progress_path, "a") as f:
                     f.write(json.dumps({"preset": preset, "seed": seed, **history[-1]}) + "\n")
-            print(f"[{preset} seed {seed}] step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "step"), flush=True)
+            print(
+                f"[{preset} seed {seed}] step {step}: "
+                + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "step"),
+                flush=True,
+            )
             since = (step, time.perf_counter())
             if not math.isfinite(loss):
                 raise FloatingPointError(f"{preset} seed {seed}: loss became NaN or inf before step {step}.")
@@ -307,7 +323,10 @@ def runs_from_progress(*paths: str) -> list[dict]:
     complete = {key: steps for key, steps in runs.items() if max(steps) == last}
     for (preset, seed), steps in runs.items():
         if (preset, seed) not in complete:
-            print(f"note: {preset} seed {seed} stopped at step {max(steps)} (others reached {last}): left out", file=sys.stderr)
+            print(
+                f"note: {preset} seed {seed} stopped at step {max(steps)} (others reached {last}): left out",
+                file=sys.stderr,
+            )
     common = set.intersection(*(set(steps) for steps in complete.values()))
     return [
         {"preset": preset, "seed": seed, "history": [steps[s] for s in sorted(common)]}
@@ -357,8 +376,17 @@ def speedup_table(runs: list[dict], key: str, baseline: str = "uniform", lower_i
             needed = steps_to_reach(base["steps"], base["mean"], mean, lower_is_better) if base else math.nan
             first = base["mean"][0] if base else math.nan
             upper_bound = bool(first < mean if lower_is_better else first > mean)
-            rows.append({"preset": preset, "step": int(step), "mean": float(mean), "std": float(std),
-                         "baseline_steps": needed, "speedup": needed / float(step), "upper_bound": upper_bound})
+            rows.append(
+                {
+                    "preset": preset,
+                    "step": int(step),
+                    "mean": float(mean),
+                    "std": float(std),
+                    "baseline_steps": needed,
+                    "speedup": needed / float(step),
+                    "upper_bound": upper_bound,
+                }
+            )
     return rows
 
 
@@ -415,9 +443,13 @@ def write_report(runs: list[dict], config: ComparisonConfig, output_dir: str, co
     table = markdown_table(runs, metrics)
     with open(os.path.join(output_dir, "table.md"), "w") as f:
         f.write(f"Command: `{command}`\n\n{table}")
-    plot(runs, metrics, os.path.join(output_dir, "convergence.png"),
-         f"{config.train_data}: DiT {config.model} ({config.num_layers or 'preset'} layers, width "
-         f"{config.hidden_size or 'preset'}), batch {config.batch_size}, seeds {config.seeds}, "
-         f"{'hybrid loss' if config.learn_sigma else 'epsilon-MSE'}, {config.eval_sampler.upper()}-"
-         f"{config.eval_inference_steps}, guidance {config.guidance_scale:g}")
+    plot(
+        runs,
+        metrics,
+        os.path.join(output_dir, "convergence.png"),
+        f"{config.train_data}: DiT {config.model} ({config.num_layers or 'preset'} layers, width "
+        f"{config.hidden_size or 'preset'}), batch {config.batch_size}, seeds {config.seeds}, "
+        f"{'hybrid loss' if config.learn_sigma else 'epsilon-MSE'}, {config.eval_sampler.upper()}-"
+        f"{config.eval_inference_steps}, guidance {config.guidance_scale:g}",
+    )
     print(table)

@@ -19,14 +19,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..utils import atomic_write_json
+from .class_names import imagenet_class_names, imagenet_synsets
 from .latents import (
     FORMAT_NAME,
     FORMAT_VERSION,
     MANIFEST_NAME,
     STORAGE_DTYPES,
+    memmap_safetensors,
     read_shard_metadata,
     shard_file_name,
-    write_json_atomic,
     write_shard,
 )
 
@@ -104,7 +106,9 @@ def folder_source(folder: str, max_samples: int | None = None) -> ImageSource:
     numbered in sorted order of the subfolder names, as torchvision's ImageFolder does."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--input_dir {folder!r} does not exist or is not a folder.")
-    class_ids = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith("."))
+    class_ids = sorted(
+        d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and not d.startswith(".")
+    )
     if not class_ids:
         raise ValueError(
             f"--input_dir {folder!r} has no class subfolders: lay images out as {folder}/<class>/<image>.jpg."
@@ -118,7 +122,9 @@ def folder_source(folder: str, max_samples: int | None = None) -> ImageSource:
                     names.append(os.path.relpath(os.path.join(root, file), folder))
                     labels.append(label)
     if not names:
-        raise ValueError(f"--input_dir {folder!r} has class subfolders but no image files ({', '.join(IMAGE_EXTENSIONS)}).")
+        raise ValueError(
+            f"--input_dir {folder!r} has class subfolders but no image files ({', '.join(IMAGE_EXTENSIONS)})."
+        )
     if max_samples is not None:
         names, labels = _spread_subset(names, labels, max_samples)
     return ImageSource(
@@ -161,7 +167,9 @@ def dataset_source(
     if len(labels) == 0:
         raise ValueError(f"dataset {dataset_name!r} split {split!r} is empty.")
     if isinstance(dataset.features[image_column], datasets.Image):
-        dataset = dataset.cast_column(image_column, datasets.Image(decode=False))  # decode ourselves: bad files are skipped
+        dataset = dataset.cast_column(
+            image_column, datasets.Image(decode=False)
+        )  # decode ourselves: bad files are skipped
     names = [str(i) for i in range(len(labels))]
     if max_samples is not None:
         names, labels = _spread_subset(names, labels.tolist(), max_samples)
@@ -196,11 +204,7 @@ def _rank_within_class(labels: list[int]) -> np.ndarray:
 
 def _readable_class_names(class_ids: list[str]) -> list[str]:
     """ImageNet synset ids (n01440764) become their names when the package knows them."""
-    try:
-        from .imagenet import IMAGENET_SYNSETS, imagenet_class_names
-    except ImportError:
-        return list(class_ids)
-    lookup = dict(zip(IMAGENET_SYNSETS, imagenet_class_names()))
+    lookup = dict(zip(imagenet_synsets(), imagenet_class_names()))
     if all(c in lookup for c in class_ids):
         return [lookup[c] for c in class_ids]
     return list(class_ids)
@@ -234,7 +238,12 @@ def _collate(batch):
 def extraction_config(source: ImageSource, vae_name_or_path: str, vae, args: dict) -> dict:
     """What must match for a rerun to continue in the same folder."""
     return {
-        "source": {"kind": source.kind, "name": source.name, "num_items": len(source), "fingerprint": source.fingerprint()},
+        "source": {
+            "kind": source.kind,
+            "name": source.name,
+            "num_items": len(source),
+            "fingerprint": source.fingerprint(),
+        },
         "vae": {
             "name_or_path": vae_name_or_path,
             "scaling_factor": float(vae.config.scaling_factor),
@@ -315,14 +324,19 @@ def extract_latents(
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}.")
     config = extraction_config(
-        source, vae_name_or_path, vae, {"resolution": resolution, "dtype": dtype, "flips": flips, "shard_size": shard_size}
+        source,
+        vae_name_or_path,
+        vae,
+        {"resolution": resolution, "dtype": dtype, "flips": flips, "shard_size": shard_size},
     )
     if accelerator.is_main_process:
         os.makedirs(output_dir, exist_ok=True)
         check_output_folder(output_dir, config)
         manifest_path = os.path.join(output_dir, MANIFEST_NAME)
         if not os.path.isfile(manifest_path):
-            write_json_atomic(manifest_path, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, **config})
+            atomic_write_json(
+                manifest_path, {"format": FORMAT_NAME, "version": FORMAT_VERSION, "complete": False, **config}
+            )
     accelerator.wait_for_everyone()
 
     num_shards = (len(source) + shard_size - 1) // shard_size
@@ -339,7 +353,9 @@ def extract_latents(
         moments, kept, skipped = [], [], []
         for batch in loader:
             good = [(item, image) for item, image, error in batch if error is None]
-            skipped += [{"item": source.item_names[item], "error": error} for item, _, error in batch if error is not None]
+            skipped += [
+                {"item": source.item_names[item], "error": error} for item, _, error in batch if error is not None
+            ]
             if good:
                 with torch.no_grad():
                     moments.append(encode_moments(vae, torch.stack([image for _, image in good]), flips).cpu())
@@ -347,7 +363,11 @@ def extract_latents(
             progress.update(len(batch))
         _fault_injection("shard", shard)
         latent_shape = _latent_shape(vae, resolution)
-        all_moments = torch.cat(moments) if moments else torch.zeros((0, 2 if flips else 1, 2 * latent_shape[0], *latent_shape[1:]))
+        all_moments = (
+            torch.cat(moments)
+            if moments
+            else torch.zeros((0, 2 if flips else 1, 2 * latent_shape[0], *latent_shape[1:]))
+        )
         kept_items = torch.as_tensor(kept, dtype=torch.int64)
         labels = torch.from_numpy(source.labels[kept_items.numpy()]) if kept else torch.zeros(0, dtype=torch.int64)
         write_shard(
@@ -378,8 +398,6 @@ def _latent_shape(vae, resolution: int) -> tuple[int, int, int]:
 
 
 def _finish_manifest(output_dir: str, config: dict, source: ImageSource, num_shards: int, vae, resolution: int) -> dict:
-    from .latents import memmap_safetensors
-
     shards, skipped, count = [], [], 0
     for k in range(num_shards):
         path = os.path.join(output_dir, shard_file_name(k))
@@ -397,12 +415,13 @@ def _finish_manifest(output_dir: str, config: dict, source: ImageSource, num_sha
         **config,
         "num_samples": count,
         "latent_shape": list(_latent_shape(vae, resolution)),
-        "moments": "channels [:C] posterior mean, [C:] posterior std, unscaled; sample = (mean + std * eps) * scaling_factor",
+        "moments": "channels [:C] posterior mean, [C:] posterior std, unscaled; "
+        "sample = (mean + std * eps) * scaling_factor",
         "preprocessing": "ADM center crop (box-halving, bicubic, center crop), RGB, [-1, 1]",
         "class_names": source.class_names,
         "class_ids": source.class_ids,
         "shards": shards,
         "skipped": skipped,
     }
-    write_json_atomic(os.path.join(output_dir, MANIFEST_NAME), manifest)
+    atomic_write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
     return manifest

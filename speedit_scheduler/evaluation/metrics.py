@@ -15,9 +15,12 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from ..data.extraction import IMAGE_EXTENSIONS, center_crop_arr
+from ..utils import atomic_write
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionV3FID, load_inception
 
 
@@ -473,10 +476,6 @@ def load_images(source: str, image_size: int | None = None) -> np.ndarray:
     """uint8 N x H x W x 3 images from a folder (searched recursively, sorted by path; grayscale and
     palette images become RGB) or an .npz (`arr_0`). `image_size` applies ADM's centre crop to
     folder images; without it all images must share one size."""
-    from PIL import Image
-
-    from .extraction import IMAGE_EXTENSIONS, center_crop_arr
-
     if image_size is not None and image_size < 1:
         raise ValueError(f"image_size={image_size} must be >= 1.")
     if os.path.isfile(source) and source.endswith(".npz"):
@@ -521,9 +520,7 @@ def write_reference_batch(
     if metrics is not None:
         arrays.update(metrics.features(arrays["arr_0"]).statistics())
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output[: -len(".npz")] + ".tmp.npz"  # a killed run leaves no half-written reference
-    np.savez(tmp, **arrays)
-    os.replace(tmp, output)
+    atomic_write(output, lambda f: np.savez(f, **arrays))  # a killed run leaves no half-written reference
     return arrays
 
 

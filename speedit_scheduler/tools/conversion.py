@@ -31,9 +31,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import init_empty_weights
-from diffusers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 
-from .models import DIT_PATCH_SIZES, DIT_SIZES, dit_config
+from ..data.class_names import imagenet_class_names
+from ..models import DIT_PATCH_SIZES, DIT_SIZES, dit_config
+from ..pipeline_speedit import training_sampler
+from ..scheduling_speedit import PRESETS, SpeeDiTScheduler
+from ..training.export import build_pipeline, inference_scheduler, save_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +250,7 @@ def infer_dit_config(
             f"for hidden size {hidden}."
         )
 
-    preset = next(
-        (f"{name}/{patch}" for name, (d, h, _) in DIT_SIZES.items() if d == depth and h == hidden), None
-    )
+    preset = next((f"{name}/{patch}" for name, (d, h, _) in DIT_SIZES.items() if d == depth and h == hidden), None)
     if num_attention_heads is None:
         if preset is None:
             known = ", ".join(f"{name}: depth {d}, hidden {h}" for name, (d, h, _) in DIT_SIZES.items())
@@ -494,8 +496,11 @@ def original_dit_forward(
 
     # one conditioning vector per sample: MLP(sinusoid(t)) + label embedding
     temb = timestep_sinusoid(t.to(x.device), convention=sinusoid)
-    temb = F.linear(F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
-                    sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+    temb = F.linear(
+        F.silu(F.linear(temb, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+        sd["t_embedder.mlp.2.weight"],
+        sd["t_embedder.mlp.2.bias"],
+    )
     cond = F.silu(temb + sd["y_embedder.embedding_table.weight"][y])
 
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
@@ -516,8 +521,9 @@ def original_dit_forward(
         m = F.gelu(F.linear(m, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]), approximate="tanh")
         h = h + gate2 * F.linear(m, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
 
-    shift, scale = F.linear(cond, sd["final_layer.adaLN_modulation.1.weight"],
-                            sd["final_layer.adaLN_modulation.1.bias"]).chunk(2, dim=-1)
+    shift, scale = F.linear(
+        cond, sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"]
+    ).chunk(2, dim=-1)
     h = _layer_norm(h, 1e-6) * (1 + scale[:, None]) + shift[:, None]
     h = F.linear(h, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
     # each token holds a p x p x C patch; put the patches back on the image grid
@@ -597,8 +603,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def class_names_for(num_classes: int) -> list[str]:
     """ImageNet names for 1000-class models, "0".."N-1" otherwise."""
     if num_classes == 1000:
-        from .imagenet import imagenet_class_names
-
         return imagenet_class_names()
     return [str(i) for i in range(num_classes)]
 
@@ -615,8 +619,6 @@ def check_output_dir(output_dir: str, overwrite: bool) -> None:
 
 def load_vae(vae: str):
     """`AutoencoderKL.from_pretrained` on a Hub id or local folder, with a one-line error."""
-    from diffusers import AutoencoderKL
-
     try:
         return AutoencoderKL.from_pretrained(vae)
     except Exception as error:  # OSError offline / missing files, ValueError for a bad folder
@@ -640,9 +642,6 @@ def export_pipeline(
     A stock `DiTPipeline` (transformer, VAE, DDIM scheduler, id2label) plus `training_scheduler/`
     recording how the checkpoint was trained (`uniform` for DiT, a SpeeDiT preset for SpeeDiT).
     """
-    from .scheduling_speedit import SpeeDiTScheduler
-    from .training import build_pipeline, save_pipeline
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is unknown: choose one of {', '.join(DTYPES)}.")
     training_scheduler = SpeeDiTScheduler.from_preset(speedit_preset)
@@ -693,8 +692,6 @@ def convert_dit_checkpoint(
     on random inputs (diffusers' sinusoid, so only the weight mapping is tested; raises if it is
     not exact to float rounding) and the rows with the original sinusoid are returned.
     """
-    from .scheduling_speedit import PRESETS
-
     check_output_dir(output_dir, overwrite)
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is unknown: choose one of {', '.join(DTYPES)}.")
@@ -765,6 +762,7 @@ def compare_with_original(
 
 def format_difference_table(rows: list[dict]) -> str:
     """A markdown table of `compare_with_original` rows."""
+
     def fmt(v):
         return "n/a" if v is None else f"{v:.3e}"
 
@@ -813,9 +811,6 @@ def measure_sampling_difference(
     |converted(eps 1e-5) - original| and |converted(eps 1e-5) - converted(eps 1e-6)|, max and mean,
     plus the mean |latent| of the original run for scale.
     """
-    from .scheduling_speedit import SpeeDiTScheduler
-    from .training import inference_scheduler, learned_variance_scheduler
-
     model6, info = convert_dit_state_dict(state_dict, num_attention_heads=num_attention_heads, norm_eps=1e-6)
     model5, _ = convert_dit_state_dict(state_dict, num_attention_heads=num_attention_heads, norm_eps=1e-5)
     cfg = model6.config
@@ -831,7 +826,7 @@ def measure_sampling_difference(
     training = SpeeDiTScheduler.from_preset("uniform")
     samplers = {
         "ddim": lambda: inference_scheduler(training, latent=True),
-        "ddpm-learned": lambda: learned_variance_scheduler(training, clip_sample=False),
+        "ddpm-learned": lambda: training_sampler(training, "ddpm", learned_variance=True, clip_sample=False),
     }
     rows = []
     for name, make in samplers.items():
@@ -881,9 +876,12 @@ def measure_output_differences(
         diff = (ours - ref).abs()
         learned = ref.shape[1] == 2 * c
         return {
-            "t": t, "eps_max": float(diff[:, :c].max()), "eps_mean": float(diff[:, :c].mean()),
+            "t": t,
+            "eps_max": float(diff[:, :c].max()),
+            "eps_mean": float(diff[:, :c].mean()),
             "var_max": float(diff[:, c:].max()) if learned else None,
-            "var_mean": float(diff[:, c:].mean()) if learned else None, "out_mean": float(ref.abs().mean()),
+            "var_mean": float(diff[:, c:].mean()) if learned else None,
+            "out_mean": float(ref.abs().mean()),
         }
 
     tables: dict[str, list[dict]] = {"mapping": [], "converted": [], "eps1e-5": []}
@@ -913,13 +911,19 @@ def _measure_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     config = dit_config(args.preset)
     sd = random_original_state_dict(
-        config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"], patch=config["patch_size"],
-        input_size=config["sample_size"], seed=args.seed,
+        config["num_layers"],
+        config["num_attention_heads"] * config["attention_head_dim"],
+        patch=config["patch_size"],
+        input_size=config["sample_size"],
+        seed=args.seed,
     )
     t = torch.arange(1000)
     sinusoid_diff = (timestep_sinusoid(t, convention="diffusers") - timestep_sinusoid(t)).abs()
-    print("timestep sinusoid |diffusers - original|, max over the 256 features: "
-          + ", ".join(f"t={s}: {float(sinusoid_diff[s].max()):.4f}" for s in MEASURE_TIMESTEPS), flush=True)
+    print(
+        "timestep sinusoid |diffusers - original|, max over the 256 features: "
+        + ", ".join(f"t={s}: {float(sinusoid_diff[s].max()):.4f}" for s in MEASURE_TIMESTEPS),
+        flush=True,
+    )
     model, info = convert_dit_state_dict(sd)
     print(f"{args.preset}: pos_embed max |stored - diffusers| = {info.pos_embed_max_abs_diff:.3g}", flush=True)
     del model
@@ -933,8 +937,9 @@ def _measure_main(argv: list[str] | None = None) -> None:
         print(f"\n{args.preset}, batch {args.batch_size}, {titles[name]}:\n{format_difference_table(rows)}", flush=True)
     if args.sampling_steps:
         print(f"\n{args.sampling_steps}-step sampling, final latents, batch {args.sampling_batch_size}, same noise:")
-        for r in measure_sampling_difference(sd, num_inference_steps=args.sampling_steps,
-                                             batch_size=args.sampling_batch_size, seed=args.seed):
+        for r in measure_sampling_difference(
+            sd, num_inference_steps=args.sampling_steps, batch_size=args.sampling_batch_size, seed=args.seed
+        ):
             print(" ".join(f"{k}={v:.3e}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
 
 

@@ -19,20 +19,24 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
+import accelerate
+import diffusers
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from diffusers import DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
 
-from .losses import DiTLoss
-from .models import create_dit, dit_config, disable_internal_label_dropout, null_class_label
-from .scheduling_speedit import PRESETS, SpeeDiTScheduler
-from .training import (
+from .. import __version__
+from ..losses import DiTLoss
+from ..models import create_dit, disable_internal_label_dropout, dit_config, null_class_label
+from ..scheduling_speedit import PRESETS, SpeeDiTScheduler
+from ..training.ema import create_ema
+from ..training.engine import (
     TimestepQuartileLoss,
     TrainerStepState,
     check_compile_mode,
     compile_model,
-    create_ema,
     mark_compiled_step,
     run_trainer_step,
 )
@@ -296,11 +300,6 @@ def peak_memory(device: torch.device) -> tuple[float, str]:
 
 
 def environment(device: torch.device) -> dict:
-    import accelerate
-    import diffusers
-
-    from . import __version__
-
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -344,8 +343,6 @@ class TrainingBenchmark:
     without rebuilding, so a sweep pays for model construction once."""
 
     def __init__(self, config: BenchmarkConfig, accelerator=None):
-        from accelerate import Accelerator
-
         self.device = resolve_device(config.device)
         self.model_config = validate_config(config, self.device)
         self.config = config
@@ -620,7 +617,12 @@ def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20
             for c, us in sorted(categories.items(), key=lambda item: -item[1])
         ],
         "top": [
-            {"name": name[:120], "category": categorize_kernel(name), "ms_per_step": per_step(us), "calls_per_step": count / steps}
+            {
+                "name": name[:120],
+                "category": categorize_kernel(name),
+                "ms_per_step": per_step(us),
+                "calls_per_step": count / steps,
+            }
             for name, us, count in sorted(kernels, key=lambda k: -k[1])[:top]
         ],
     }
@@ -628,7 +630,8 @@ def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20
 
 def format_profile(profile: dict) -> str:
     lines = [
-        f"profile over {profile['steps']} trainer steps ({profile['timer']}): wall {profile['wall_ms_per_step']:.1f} ms/step "
+        f"profile over {profile['steps']} trainer steps ({profile['timer']}): "
+        f"wall {profile['wall_ms_per_step']:.1f} ms/step "
         f"under the profiler, busy {profile['busy_ms_per_step']:.1f} ms/step",
         "| category | ms/step | share |",
         "| --- | --- | --- |",
@@ -636,7 +639,8 @@ def format_profile(profile: dict) -> str:
     lines += [f"| {c['category']} | {c['ms_per_step']:.2f} | {100 * c['share']:.1f}% |" for c in profile["categories"]]
     lines += ["", "| top kernel / operator | category | ms/step | calls/step |", "| --- | --- | --- | --- |"]
     lines += [
-        f"| `{k['name']}` | {k['category']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |" for k in profile["top"]
+        f"| `{k['name']}` | {k['category']} | {k['ms_per_step']:.2f} | {k['calls_per_step']:.0f} |"
+        for k in profile["top"]
     ]
     return "\n".join(lines)
 

@@ -8,8 +8,7 @@ import os
 import time
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
-from huggingface_hub import ModelCard, ModelCardData
-from huggingface_hub import create_repo, get_token, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, upload_folder
 from huggingface_hub.utils import HfHubHTTPError
 
 logger = logging.getLogger(__name__)

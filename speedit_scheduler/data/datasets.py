@@ -2,7 +2,8 @@
 """Training data: the dataset interface the trainer uses (served by whole batches), the
 in-memory class-conditional dataset of images or latents, and the deterministic data order
 that makes a resumed run see exactly the samples an uninterrupted run would have seen. Latents
-folders written by `scripts/extract_latents.py` are served by `latents.LatentDataset`."""
+folders written by `scripts/extract_latents.py` are served by `latents.LatentDataset`; the
+data randomness of a step (posterior samples, flips) comes from `seeded_generator("data", ...)`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from ..utils import seeded_generator
 
 
 class TrainingDataset:
@@ -64,14 +67,6 @@ class TrainingDataset:
             raise ValueError(f"data samples have {c} channels but the model expects {in_channels}.")
         if self.num_classes > num_classes:
             raise ValueError(f"the data has {self.num_classes} classes but the model only {num_classes}.")
-
-
-def data_generator(seed: int, process_index: int, micro_step: int) -> torch.Generator:
-    """CPU generator for the data randomness of one micro-step on one process (latent posterior
-    samples, flips): a pure function of (seed, process, step), independent of the training
-    step's own generator."""
-    key = ((seed * 1_000_033 + process_index) * 2_147_483_629 + micro_step) ^ 0x5DEECE66D
-    return torch.Generator().manual_seed(key % (2**63 - 1))
 
 
 @dataclass
@@ -164,12 +159,16 @@ def load_npz_images(path: str, resolution: int | None = None) -> ClassConditiona
         key = "latents" if "latents" in data.files else "images"
         missing = {key, "labels"} - set(data.files)
         if missing:
-            raise ValueError(f"{path!r} lacks the arrays {sorted(missing)}: it needs 'images' (or 'latents') and 'labels'.")
+            raise ValueError(
+                f"{path!r} lacks the arrays {sorted(missing)}: it needs 'images' (or 'latents') and 'labels'."
+            )
         images, labels = data[key], data["labels"]
         class_names = [str(c) for c in data["class_names"]] if "class_names" in data.files else None
     if key == "latents":
         if images.ndim != 4 or not np.issubdtype(images.dtype, np.floating):
-            raise ValueError(f"{path!r}: latents must be floats of shape N x C x H x W, got {images.dtype} {images.shape}.")
+            raise ValueError(
+                f"{path!r}: latents must be floats of shape N x C x H x W, got {images.dtype} {images.shape}."
+            )
         if class_names is None:
             class_names = [str(i) for i in range(int(labels.max()) + 1)] if len(labels) else []
         return ClassConditionalDataset(
@@ -218,7 +217,7 @@ class DeterministicOrder:
         if epoch not in self._permutations:
             if len(self._permutations) > 4:
                 self._permutations.pop(min(self._permutations))
-            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            generator = seeded_generator("epoch", self.seed, epoch)
             self._permutations[epoch] = torch.randperm(self.dataset_size, generator=generator)
         return self._permutations[epoch]
 
@@ -231,31 +230,3 @@ class DeterministicOrder:
             mask = epochs == epoch
             out[mask] = self._permutation(epoch)[positions[mask] % self.dataset_size]
         return out
-
-
-def load_training_data(train_data: str, resolution: int | None = None) -> TrainingDataset:
-    """`digits` (scikit-learn's bundled digits), a latents folder from `scripts/extract_latents.py`,
-    or a path to an `.npz` of images (or latents) and labels."""
-    if train_data == "digits":
-        return load_digits_dataset(resolution or 8)
-    if os.path.isdir(train_data):
-        from .latents import LatentDataset, is_latents_folder
-
-        if not is_latents_folder(train_data):
-            raise ValueError(
-                f"--train_data {train_data!r} is a folder without manifest.json: turn images into a latents "
-                "folder with scripts/extract_latents.py first, or give 'digits' or an .npz file."
-            )
-        dataset = LatentDataset(train_data)
-        if resolution is not None and resolution not in (dataset.info["resolution"], dataset.sample_shape[-1]):
-            raise ValueError(
-                f"--resolution {resolution} does not match the latents folder, extracted at "
-                f"{dataset.info['resolution']} ({dataset.sample_shape[-1]}x{dataset.sample_shape[-1]} latents): "
-                "drop --resolution or extract again at that resolution."
-            )
-        return dataset
-    if not train_data.endswith(".npz"):
-        raise ValueError(
-            f"--train_data {train_data!r} is not understood: give 'digits', a latents folder or an .npz file."
-        )
-    return load_npz_images(train_data, resolution)

@@ -28,7 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .data import TrainingDataset
+from ..utils import atomic_output
+from .datasets import TrainingDataset
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "speedit-latents"
@@ -61,15 +62,6 @@ def read_manifest(folder: str) -> dict:
     return manifest
 
 
-def write_json_atomic(path: str, content: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(content, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(
     path: str,
     moments: torch.Tensor,
@@ -84,11 +76,8 @@ def write_shard(
         "labels": labels.to(torch.int64).contiguous(),
         "items": items.to(torch.int64).contiguous(),
     }
-    tmp = f"{path}.tmp-{os.getpid()}"
-    save_file(tensors, tmp, metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def read_shard_metadata(path: str) -> dict[str, str]:
@@ -209,7 +198,9 @@ class LatentDataset(TrainingDataset):
         moments = torch.from_numpy(out)
         return moments.view(torch.bfloat16) if self.storage_dtype == "bfloat16" else moments
 
-    def host_batch(self, indices: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def host_batch(
+        self, indices: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The CPU side of `get_batch`: stored moments of a random flip of each sample, their
         labels, and the seed of the noise to draw on the training device."""
         indices = torch.as_tensor(indices).cpu()
