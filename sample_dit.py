@@ -30,6 +30,12 @@ from speedit_scheduler.data.class_names import resolve_class_labels, short_label
 from speedit_scheduler.evaluation.grids import labelled_grid
 from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8
 from speedit_scheduler.pipeline_speedit import SAMPLERS
+from speedit_scheduler.training.export import (
+    checkpoint_transformer_folder,
+    is_training_checkpoint,
+    pipeline_from_checkpoint,
+    read_checkpoint_state,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT's defaults: sample.py guides with 4.0 for pictures, sample_ddp.py with 1.5 for FID-50K.
@@ -136,8 +142,20 @@ def read_metadata(path: str, revision: str | None) -> dict:
         with open(file) as f:
             return json.load(f)
 
-    index = read("model_index.json")
-    transformer = read("transformer/config.json")
+    if os.path.isdir(path) and is_training_checkpoint(path):  # a train_dit.py checkpoint-N folder
+        state = read_checkpoint_state(path)
+        with open(os.path.join(checkpoint_transformer_folder(path), "config.json")) as f:
+            transformer = json.load(f)
+        index = {
+            "_class_name": "DiTPipeline" if state.get("vae") else "SpeeDiTPipeline",
+            "id2label": dict(enumerate(state["class_names"])),
+            "vae": ["diffusers", "AutoencoderKL"] if state.get("vae") else None,
+        }
+        return {**metadata(index, transformer), "checkpoint": True}
+    return metadata(read("model_index.json"), read("transformer/config.json"))
+
+
+def metadata(index: dict, transformer: dict) -> dict:
     has_vae = bool(index.get("vae")) and index["vae"][0] is not None
     return {
         "class_name": index.get("_class_name"),
@@ -174,7 +192,9 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
     from speedit_scheduler.pipeline_speedit import sampling_scheduler
 
     dtype = DTYPES[args.dtype]
-    if meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
+    if meta.get("checkpoint"):
+        pipe = pipeline_from_checkpoint(args.pretrained_model_name_or_path, torch_dtype=dtype)
+    elif meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
         pipe = SpeeDiTPipeline.from_pretrained(
             args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype
         )

@@ -22,26 +22,31 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.utils import make_image_grid
 from tqdm.auto import tqdm
 
 from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
-from speedit_scheduler.data.datasets import DeterministicOrder
-from speedit_scheduler.data.loading import load_training_data
+from speedit_scheduler.data import DeterministicOrder, load_training_data
+from speedit_scheduler.evaluation.along_training import (
+    EVALUATION_FILE,
+    EVALUATION_METRICS,
+    ProgressFile,
+    TrainingEvaluator,
+    build_metric,
+)
+from speedit_scheduler.evaluation.grids import class_grid
 from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
 from speedit_scheduler.pipeline_speedit import training_sampler
-from speedit_scheduler.training.checkpoints import checkpoint_step, resolve_resume_checkpoint, save_checkpoint
-from speedit_scheduler.training.ema import create_ema
-from speedit_scheduler.training.engine import (
-    COMPILE_MODES,
-    TimestepQuartileLoss,
-    TrainerStepState,
-    compile_model,
-    mark_compiled_step,
-    run_trainer_step,
+from speedit_scheduler.training.checkpoints import (
+    checkpoint_step,
+    register_checkpoint_hooks,
+    resolve_resume_checkpoint,
+    save_checkpoint,
 )
+from speedit_scheduler.training.ema import create_ema
+from speedit_scheduler.training.engine import COMPILE_MODES, TrainingEngine
 from speedit_scheduler.training.export import build_pipeline, save_pipeline
 from speedit_scheduler.training.hub import push_folder_to_hub, resolve_hub_token, write_model_card
 from speedit_scheduler.utils import seeded_generator
@@ -137,6 +142,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--validation_guidance_scale", type=float, default=4.0)
     p.add_argument("--validation_inference_steps", type=int, default=50)
     p.add_argument("--validation_images_per_class", type=int, default=8)
+    # quality along training (evaluations.jsonl in --output_dir, and the trackers)
+    p.add_argument(
+        "--evaluation_steps",
+        type=int,
+        default=None,
+        help="Evaluate the EMA model every N steps and at the end (default: never).",
+    )
+    p.add_argument(
+        "--evaluation_metric",
+        choices=EVALUATION_METRICS,
+        default=None,
+        help="classifier: Frechet distance and accuracy of a classifier of the real images (pixel data); "
+        "fid: ADM's FID, sFID, IS, precision, recall against --reference_batch. Default: classifier for "
+        "pixel data, fid for latents.",
+    )
+    p.add_argument("--evaluation_samples_per_class", type=int, default=50, help="Samples of each class.")
+    p.add_argument("--evaluation_sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm: DiT's ancestral.")
+    p.add_argument("--evaluation_guidance_scale", type=float, default=1.0, help="1 = no guidance.")
+    p.add_argument("--evaluation_inference_steps", type=int, default=50)
+    p.add_argument("--evaluation_batch_size", type=int, default=500, help="Samples per pipeline call.")
+    p.add_argument("--reference_batch", default=None, help="fid: ADM reference .npz (scripts/evaluate.py).")
+    p.add_argument("--inception_weights", default=None, help="fid: the FID Inception weights file.")
     p.add_argument(
         "--pretrained_vae_model_name_or_path",
         default=None,
@@ -175,9 +202,24 @@ def validate_args(args: argparse.Namespace) -> None:
         "validation_steps",
         "validation_inference_steps",
         "validation_images_per_class",
+        "evaluation_samples_per_class",
+        "evaluation_inference_steps",
+        "evaluation_batch_size",
     ):
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name} {getattr(args, name)} must be at least 1.")
+    if args.evaluation_steps is not None and args.evaluation_steps < 1:
+        raise SystemExit(f"error: --evaluation_steps {args.evaluation_steps} must be at least 1 (or left out: never).")
+    if args.evaluation_guidance_scale < 1.0:
+        raise SystemExit(f"error: --evaluation_guidance_scale {args.evaluation_guidance_scale} must be >= 1 (1: none).")
+    if args.evaluation_steps is not None and args.evaluation_metric == "fid":
+        if not args.reference_batch:
+            raise SystemExit(
+                "error: --evaluation_metric fid needs --reference_batch REF.npz "
+                "(make one with scripts/evaluate.py --make_reference)."
+            )
+        if not os.path.isfile(args.reference_batch):
+            raise SystemExit(f"error: --reference_batch {args.reference_batch!r} does not exist.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
         raise SystemExit(f"error: --class_dropout_prob {args.class_dropout_prob} must lie in [0, 1).")
     if not 0.0 < args.ema_decay < 1.0:
@@ -198,7 +240,7 @@ def validate_args(args: argparse.Namespace) -> None:
         except ValueError as error:
             raise SystemExit(f"error: {error}")
     try:
-        build_training_scheduler(args)
+        build_noise_scheduler(args)
     except ValueError as error:
         raise SystemExit(f"error: {error}")
     if args.resume_from_checkpoint not in (None, "latest") and checkpoint_step(args.resume_from_checkpoint) is None:
@@ -216,7 +258,7 @@ def validate_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --output_dir {args.output_dir!r} is not writable ({error.strerror}).")
 
 
-def build_training_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
+def build_noise_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
     overrides = {
         key: getattr(args, key)
         for key in (
@@ -242,19 +284,6 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     config["num_processes"] = accelerator.num_processes
     config["global_batch_size"] = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     return config
-
-
-@torch.no_grad()
-def sample_grid(pipeline, num_classes: int, per_class: int, guidance_scale: float, steps: int, seed: int):
-    """One row per class (the first 10 classes at most), `per_class` samples each."""
-    classes = list(range(min(num_classes, 10)))
-    labels = [c for c in classes for _ in range(per_class)]
-    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
-    images = pipeline(
-        class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps, generator=generator
-    ).images
-    size = max(images[0].size[0], 64)
-    return make_image_grid(images, rows=len(classes), cols=per_class, resize=size)
 
 
 def main(args: argparse.Namespace) -> str:
@@ -283,7 +312,6 @@ def main(args: argparse.Namespace) -> str:
 
     # Data and model: every check that can fail does so before training starts.
     dataset = load_training_data(args.train_data, args.resolution)
-    latent = dataset.latent
     channels, size, _ = dataset.sample_shape
     model = create_dit(
         args.model,
@@ -298,24 +326,14 @@ def main(args: argparse.Namespace) -> str:
     )
     dataset.check_model_fits(model.config.sample_size, model.config.in_channels, model.config.num_embeds_ada_norm)
     disable_internal_label_dropout(model)
-    null_label = null_class_label(model)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
-    vae = None
-    if latent:
-        from diffusers import AutoencoderKL
+    vae, vae_path = load_vae(args, dataset)
 
-        # The VAE that made the latents decodes them; a latents folder records which one that was.
-        recorded = getattr(dataset, "vae_name_or_path", None)
-        vae_path = args.pretrained_vae_model_name_or_path or recorded or "stabilityai/sd-vae-ft-ema"
-        if recorded is not None and vae_path != recorded:
-            logger.warning(f"the latents were extracted with the VAE {recorded!r}, but {vae_path!r} will decode them.")
-        vae = AutoencoderKL.from_pretrained(vae_path)
-
-    scheduler = build_training_scheduler(args)
-    loss_fn = DiTLoss(scheduler)
+    # SpeeD lives in the noise scheduler: it draws each batch's timesteps and their loss weights.
+    noise_scheduler = build_noise_scheduler(args)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=args.learning_rate,
@@ -334,9 +352,22 @@ def main(args: argparse.Namespace) -> str:
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     if ema is not None:
         ema.to(device)
-        accelerator.register_for_checkpointing(ema)
-    if args.compile or args.compile_mode is not None:
-        model = compile_model(model, args.compile_mode)
+    register_checkpoint_hooks(accelerator, ema)  # checkpoints hold transformer/ and transformer_ema/
+    engine = TrainingEngine(
+        accelerator,
+        model,
+        optimizer,
+        lr_scheduler,
+        noise_scheduler,
+        DiTLoss(noise_scheduler),
+        ema,
+        class_dropout_prob=args.class_dropout_prob,
+        null_label=null_class_label(accelerator.unwrap_model(model)),
+        max_grad_norm=args.max_grad_norm,
+        seed=args.seed,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
+    )
 
     global_step = 0
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
@@ -346,6 +377,7 @@ def main(args: argparse.Namespace) -> str:
         global_step = checkpoint_step(resume_path)
     elif args.resume_from_checkpoint == "latest":
         accelerator.print("No checkpoint to resume from: starting a new run.")
+    evaluate = build_evaluation(args, accelerator, dataset, noise_scheduler, vae, global_step, resume_path)
 
     config = training_config(args, accelerator)
     if accelerator.is_main_process:
@@ -353,46 +385,24 @@ def main(args: argparse.Namespace) -> str:
         logger.info(f"{len(dataset)} samples of shape {dataset.sample_shape}, {dataset.num_classes} classes")
         logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         logger.info(f"global batch {config['global_batch_size']}, steps {args.max_train_steps}, preset {args.speedit}")
+    checkpoint_state = {"seed": args.seed, "class_names": dataset.class_names, "vae": vae_path}
 
+    def checkpoint_now(step: int) -> None:
+        engine.check_finite()
+        save_checkpoint(
+            accelerator, checkpoints_dir, step, checkpoint_state, args.checkpoints_total_limit, noise_scheduler
+        )
+        _fault_injection("after_checkpoint", step)
+        if args.push_checkpoints_to_hub:
+            export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, grid=None, push=True)
+
+    # The training loop: one micro-step of the engine per batch; the data order and every random
+    # number are functions of (seed, process, micro-step), so a resumed run continues exactly.
     order = DeterministicOrder(len(dataset), args.train_batch_size, accelerator.num_processes, args.seed)
-    quartiles = TimestepQuartileLoss(scheduler.config.num_train_timesteps, device)
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
-    step_state = TrainerStepState(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        scheduler=scheduler,
-        loss_fn=loss_fn,
-        ema=ema,
-        quartiles=quartiles,
-        loss_sum=loss_sum,
-        first_bad_step=first_bad_step,
-        class_dropout_prob=args.class_dropout_prob,
-        null_label=null_label,
-        max_grad_norm=args.max_grad_norm,
-        seed=args.seed,
-    )
     images_per_step = config["global_batch_size"]
     progress = tqdm(
         total=args.max_train_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process
     )
-
-    def check_finite() -> None:
-        bad = int(accelerator.reduce(first_bad_step, reduction="max"))  # -1 means all finite
-        if bad >= 0:
-            raise FloatingPointError(
-                f"loss became NaN or inf at step {bad}; stopping without saving. "
-                "The last good checkpoint is intact: lower --learning_rate or check the data and resume."
-            )
-
-    def checkpoint_now(step: int) -> None:
-        check_finite()
-        save_checkpoint(accelerator, checkpoints_dir, step, {"seed": args.seed}, args.checkpoints_total_limit)
-        _fault_injection("after_checkpoint", step)
-        if args.push_checkpoints_to_hub:
-            export(accelerator, model, ema, scheduler, dataset, vae, args, step, grid=None, push=True)
-
     model.train()
     last_log_time, last_log_step = time.perf_counter(), global_step
     micro_step = global_step * args.gradient_accumulation_steps
@@ -403,8 +413,7 @@ def main(args: argparse.Namespace) -> str:
             seeded_generator("data", args.seed, accelerator.process_index, micro_step),
             device=device,
         )
-        mark_compiled_step(args.compile_mode)
-        run_trainer_step(accelerator, step_state, batch["samples"], batch["class_labels"], micro_step, global_step)
+        engine.step(batch["samples"], batch["class_labels"], micro_step)  # SpeeD's t and w are drawn in here
         micro_step += 1
         if not accelerator.sync_gradients:
             continue
@@ -412,40 +421,37 @@ def main(args: argparse.Namespace) -> str:
         progress.update(1)
 
         if global_step % args.logging_steps == 0 or global_step == args.max_train_steps:
-            check_finite()
+            engine.check_finite()
             elapsed = time.perf_counter() - last_log_time
-            n_steps = global_step - last_log_step
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / (
-                n_steps * args.gradient_accumulation_steps
-            )
             logs = {
-                "loss": mean_loss,
+                **engine.read_logs(),
                 "lr": lr_scheduler.get_last_lr()[0],
-                "images_per_second": n_steps * images_per_step / max(elapsed, 1e-9),
-                **quartiles.read_and_reset(),
+                "images_per_second": (global_step - last_log_step) * images_per_step / max(elapsed, 1e-9),
             }
-            loss_sum.zero_()
             accelerator.log(logs, step=global_step)
-            progress.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{logs['images_per_second']:.0f}")
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.0f}")
             last_log_time, last_log_step = time.perf_counter(), global_step
-
+        if evaluate is not None and (global_step % args.evaluation_steps == 0 or global_step == args.max_train_steps):
+            evaluate(engine, global_step)  # before the checkpoint of this step: a resume never skips it
         if global_step % args.checkpointing_steps == 0 and global_step < args.max_train_steps:
             checkpoint_now(global_step)
         if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
             if accelerator.is_main_process:
-                grid = validation_grid(accelerator, model, ema, scheduler, dataset, vae, args)
+                grid = validation_grid(accelerator, model, ema, noise_scheduler, dataset, vae, args)
                 log_grid(accelerator, grid, global_step)
             accelerator.wait_for_everyone()
 
     progress.close()
-    check_finite()
+    engine.check_finite()
     if resume_path is None or checkpoint_step(resume_path) != global_step:
         checkpoint_now(global_step)  # the final state, so that a longer run can resume from it
     grid = None
     if accelerator.is_main_process:
-        grid = validation_grid(accelerator, model, ema, scheduler, dataset, vae, args)
+        grid = validation_grid(accelerator, model, ema, noise_scheduler, dataset, vae, args)
         log_grid(accelerator, grid, global_step)
-    pushed = export(accelerator, model, ema, scheduler, dataset, vae, args, global_step, grid, push=args.push_to_hub)
+    pushed = export(
+        accelerator, model, ema, noise_scheduler, dataset, vae, args, global_step, grid, push=args.push_to_hub
+    )
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"Pipeline saved to {os.path.abspath(args.output_dir)}")
@@ -455,10 +461,66 @@ def main(args: argparse.Namespace) -> str:
     return args.output_dir
 
 
-def _ema_weights_model(accelerator: Accelerator, model, ema):
-    """A standalone copy of the transformer holding the EMA weights (or the raw ones without EMA)."""
-    from diffusers import DiTTransformer2DModel
+def load_vae(args: argparse.Namespace, dataset) -> tuple[AutoencoderKL | None, str | None]:
+    """The VAE that decodes latent data (None for pixel data) and its name or path. A latents
+    folder records which VAE made it; `--pretrained_vae_model_name_or_path` overrides it."""
+    if not dataset.latent:
+        return None, None
+    recorded = getattr(dataset, "vae_name_or_path", None)
+    vae_path = args.pretrained_vae_model_name_or_path or recorded or "stabilityai/sd-vae-ft-ema"
+    if recorded is not None and vae_path != recorded:
+        logger.warning(f"the latents were extracted with the VAE {recorded!r}, but {vae_path!r} will decode them.")
+    return AutoencoderKL.from_pretrained(vae_path), vae_path
 
+
+def build_evaluation(args, accelerator, dataset, noise_scheduler, vae, global_step: int, resume_path):
+    """`evaluate(engine, step)`: measure the EMA model, append the record to evaluations.jsonl
+    and log it to the trackers; None without --evaluation_steps. The main process evaluates."""
+    if args.evaluation_steps is None:
+        return None
+    kind = args.evaluation_metric or ("fid" if dataset.latent else "classifier")
+    progress_file = None
+    evaluator = None
+    if accelerator.is_main_process:
+        try:
+            metric = build_metric(kind, dataset, args.reference_batch, args.inception_weights, accelerator.device)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
+        evaluator = TrainingEvaluator(
+            metric,
+            dataset,
+            noise_scheduler,
+            samples_per_class=args.evaluation_samples_per_class,
+            sampler=args.evaluation_sampler,
+            guidance_scale=args.evaluation_guidance_scale,
+            num_inference_steps=args.evaluation_inference_steps,
+            seed=args.seed,
+            device=accelerator.device,
+            batch_size=args.evaluation_batch_size,
+            vae=vae.to(accelerator.device) if vae is not None else None,
+        )
+        resumed_step = global_step if resume_path is not None else None
+        progress_file = ProgressFile(os.path.join(args.output_dir, EVALUATION_FILE), resumed_step)
+    started = time.perf_counter()
+
+    def evaluate(engine: TrainingEngine, step: int) -> None:
+        train_loss = engine.mean_loss("evaluation")  # every process takes part in the reduction
+        if accelerator.is_main_process:
+            eval_started = time.perf_counter()
+            values = evaluator(ema_weights_model(accelerator, engine.model, engine.ema))
+            now = time.perf_counter()
+            record = {"step": step, "train_loss": train_loss, "seconds": now - started,
+                      "eval_seconds": now - eval_started, **values}  # fmt: skip
+            progress_file.append(record)
+            accelerator.log({f"evaluation/{k}": v for k, v in values.items()}, step=step)
+            logger.info(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        accelerator.wait_for_everyone()
+
+    return evaluate
+
+
+def ema_weights_model(accelerator: Accelerator, model, ema) -> DiTTransformer2DModel:
+    """A standalone copy of the transformer holding the EMA weights (or the raw ones without EMA)."""
     unwrapped = accelerator.unwrap_model(model)
     copy = DiTTransformer2DModel.from_config(unwrapped.config).to(accelerator.device)
     if ema is not None:
@@ -468,17 +530,17 @@ def _ema_weights_model(accelerator: Accelerator, model, ema):
     return copy.eval()
 
 
-def validation_grid(accelerator, model, ema, scheduler, dataset, vae, args):
+def validation_grid(accelerator, model, ema, noise_scheduler, dataset, vae, args):
     # The project pipeline: stock DiTPipeline hard-codes 1000 classes for guidance.
-    transformer = _ema_weights_model(accelerator, model, ema)
+    transformer = ema_weights_model(accelerator, model, ema)
     pipeline = SpeeDiTPipeline(
         transformer=transformer,
-        scheduler=training_sampler(scheduler, "ddpm", learned_variance=True, clip_sample=vae is None),
+        scheduler=training_sampler(noise_scheduler, "ddpm", learned_variance=True, clip_sample=vae is None),
         vae=vae,
         id2label=dict(enumerate(dataset.class_names)),
     )
     pipeline.set_progress_bar_config(disable=True)
-    return sample_grid(
+    return class_grid(
         pipeline.to(accelerator.device),
         dataset.num_classes,
         args.validation_images_per_class,
@@ -500,13 +562,13 @@ def log_grid(accelerator: Accelerator, grid, step: int) -> None:
             tracker.log({"samples": wandb.Image(grid)}, step=step)
 
 
-def export(accelerator, model, ema, scheduler, dataset, vae, args, step, grid, push: bool) -> bool:
+def export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, grid, push: bool) -> bool:
     """Write the pipeline folder (EMA weights), the model card and the grid; push if asked."""
     pushed = True
     if accelerator.is_main_process:
-        transformer = _ema_weights_model(accelerator, model, ema).to("cpu")
-        pipeline = build_pipeline(transformer, scheduler, dataset.class_names, vae=vae)
-        save_pipeline(pipeline, scheduler, args.output_dir)
+        transformer = ema_weights_model(accelerator, model, ema).to("cpu")
+        pipeline = build_pipeline(transformer, noise_scheduler, dataset.class_names, vae=vae)
+        save_pipeline(pipeline, noise_scheduler, args.output_dir)
         grid_name = None
         if grid is not None:
             grid_name = "samples.png"

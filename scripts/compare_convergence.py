@@ -19,6 +19,11 @@ convergence.png to --output_dir. Quality (`--metric classifier`, pixel data): Fr
 the features of a classifier trained on the real images, and the classifier's accuracy on
 class-conditional samples; (`--metric fid`): ADM's FID, sFID, IS, precision and recall against a
 reference batch, through scripts/evaluate.py's Inception network.
+
+Every (preset, seed) run is a `train_dit.py` run with `--evaluation_steps`, in
+--output_dir/runs/PRESET-seedS/ (a pipeline folder, its checkpoints and evaluations.jsonl). A
+second call skips finished runs and resumes unfinished ones from their last checkpoint;
+`--collect` rebuilds the report from whatever the runs reached.
 """
 
 import argparse
@@ -27,8 +32,10 @@ import shlex
 import sys
 
 from speedit_scheduler import PRESETS
+from speedit_scheduler.evaluation.along_training import METRIC_KEYS
 from speedit_scheduler.tools.convergence import (
     ComparisonConfig,
+    collect_progress,
     run_comparison,
     runs_from_progress,
     write_report,
@@ -91,12 +98,27 @@ def parse_args(argv=None):
     p.add_argument("--inception_weights", default=None, help="--metric fid: the FID Inception weights file.")
     p.add_argument("--vae", default=None, help="Decoder of latent data (default: the latents folder's VAE).")
     p.add_argument("--num_workers", type=int, default=1, help="Runs in parallel (e.g. several on one GPU).")
+    p.add_argument(
+        "--trainer",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_dit.py"),
+        help="The train_dit.py every run executes (default: this repository's).",
+    )
+    p.add_argument(
+        "--launcher",
+        default=None,
+        help="How each run starts, e.g. 'accelerate launch --num_processes 8' (default: this Python).",
+    )
     p.add_argument("--output_dir", default="convergence")
     p.add_argument(
         "--from_progress",
         nargs="+",
         default=None,
         help="Only rebuild the report from progress.jsonl files (several: runs made separately).",
+    )
+    p.add_argument(
+        "--collect",
+        action="store_true",
+        help="Only rebuild the report from the runs in --output_dir, finished or not (a comparison cut short).",
     )
     args = p.parse_args(argv)
     if args.eval_every < 1 or args.max_steps < args.eval_every:
@@ -109,11 +131,13 @@ def parse_args(argv=None):
     for path in args.from_progress or []:
         if not os.path.isfile(path):
             p.error(f"--from_progress {path!r} does not exist: give the progress.jsonl of an earlier run.")
-    if args.metric == "fid" and not args.from_progress:
+    if args.metric == "fid" and not (args.from_progress or args.collect):
         if not args.reference_batch:
             p.error("--metric fid needs --reference_batch (make one with scripts/evaluate.py --make_reference).")
         if not os.path.isfile(args.reference_batch):
             p.error(f"--reference_batch {args.reference_batch!r} does not exist.")
+    if not os.path.isfile(args.trainer):
+        p.error(f"--trainer {args.trainer!r} does not exist: give the path of train_dit.py.")
     if args.metric == "classifier" and os.path.isdir(args.train_data):
         p.error("a latents folder has no pixels for the classifier metric: use --metric fid --reference_batch REF.npz.")
     return args
@@ -122,21 +146,17 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     fields = ComparisonConfig.__dataclass_fields__
-    config = ComparisonConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    config = ComparisonConfig(**{k: v for k, v in vars(args).items() if k in fields and k != "launcher"})
+    if args.launcher:
+        config.launcher = shlex.split(args.launcher)
     command = "python scripts/compare_convergence.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    if args.from_progress:
+    if args.collect:
+        runs = runs_from_progress(collect_progress(args.output_dir))
+    elif args.from_progress:
         runs = runs_from_progress(*args.from_progress)
     else:
-        os.makedirs(args.output_dir, exist_ok=True)
-        config.progress_path = os.path.join(args.output_dir, "progress.jsonl")
-        if os.path.exists(config.progress_path):
-            os.remove(config.progress_path)
-        runs = run_comparison(config, num_workers=args.num_workers)
-    keys = (
-        ["frechet_distance", "accuracy"]
-        if args.metric == "classifier"
-        else ["fid", "sfid", "is", "precision", "recall"]
-    )
+        runs = run_comparison(config, args.trainer, args.output_dir, num_workers=args.num_workers)
+    keys = METRIC_KEYS[args.metric]
     write_report(runs, config, args.output_dir, command, keys)
     print(f"Wrote {os.path.abspath(args.output_dir)}/{{results.json,table.md,convergence.png}}")
 

@@ -101,7 +101,7 @@ if header is not None:
 for name, result in runs.items():
     lines += [f"## {name}", "", f"`{result['command']}`", "", markdown_table(result["rows"]), ""]
     if "profile" in result:
-        from speedit_scheduler.benchmarking import format_profile
+        from speedit_scheduler.tools.benchmarking import format_profile
         lines += [format_profile(result["profile"]), ""]
     for row in result["rows"]:
         if "overhead" in row:

@@ -3,20 +3,17 @@
 #
 # The MNIST-32 convergence comparison on one GPU within one call: DiT-S/2 (12 layers, width 384,
 # patch 2: 256 tokens, the sequence length of DiT-XL/2 on ImageNet latents), 10,000 steps per
-# run, the (preset, seed) runs one after another in one process, seed-major. A compiled S/2 step
-# is bound by the host at about 45 ms on an H100 (2026-11-27), and several processes on one GPU
-# time-slice it badly (2026-11-26), so the runs compile the model and the loss as one graph in
-# inductor's "reduce-overhead" mode: CUDA graphs, one launch for the forward pass and one for the
-# backward instead of one per kernel. If that mode fails before the first evaluation, the script
-# falls back to plain --compile for the time left. Measured on an H200 (2026-11-27): 13 ms per
-# step with CUDA graphs (37 ms without), so a 10,000-step run with 10 evaluations takes about
-# 175 s, plus about 50 s of compilation in a fresh machine's first run. The reported comparison
-# (docs/convergence.md, Result 2) ran within one session's 15 device minutes as two calls,
-# SPEEDIT_CONV_SEEDS=0 (445 s) and at once after it, machine still warm, SPEEDIT_CONV_SEEDS=1
-# (391 s), merged with `compare_convergence.py --from_progress`. Writes to $OUT (default
-# ./convergence-gpu): progress.jsonl (one line per evaluation, kept if the run is cut short),
-# results.json, table.md, convergence.png and log.txt. Runs cut short are left out of the report;
-# progress files of several sessions merge with `compare_convergence.py --from_progress A B`.
+# run, the (preset, seed) runs one after another, seed-major, each a train_dit.py run (through
+# scripts/compare_convergence.py). A small model on a fast GPU is bound by kernel launches, so the
+# runs compile the model and the loss as one graph in inductor's "reduce-overhead" mode (CUDA
+# graphs); if that mode fails before the first evaluation, the script falls back to plain
+# --compile for the time left. Each run is its own process and compiles for itself (inductor's
+# on-disk cache shortens the later ones). Measured rates and session plans: docs/convergence.md.
+# Writes to $OUT (default ./convergence-gpu): runs/PRESET-seedS/ (each run's pipeline, checkpoint
+# and evaluations.jsonl), progress.jsonl, results.json, table.md, convergence.png and log.txt. A
+# call stopped by its budget resumes the unfinished runs when called again; the report of a cut
+# call is rebuilt from what the runs reached (runs cut short are left out of it), and progress
+# files of several sessions merge with `compare_convergence.py --from_progress A B`.
 #
 #   bash scripts/gpu_convergence.sh mnist10k.npz                     # GPU
 #   SPEEDIT_CONV_DRY=1 bash scripts/gpu_convergence.sh mnist10k.npz  # CPU: tiny DiT, 40 steps
@@ -78,16 +75,16 @@ run_compare() {
 run_compare "$BUDGET" "${COMPILE[@]}"
 STATUS=$?
 LEFT=$((BUDGET - ($(date +%s) - START)))
-if [ "$STATUS" -ne 0 ] && [ "${#COMPILE[@]}" -gt 0 ] && [ ! -s "$OUT/progress.jsonl" ] && [ "$LEFT" -gt 60 ]; then
+evaluated() { cat "$OUT"/runs/*/evaluations.jsonl 2>/dev/null | grep -q step; }
+if [ "$STATUS" -ne 0 ] && [ "${#COMPILE[@]}" -gt 0 ] && ! evaluated && [ "$LEFT" -gt 60 ]; then
     say "== ${COMPILE[*]} failed before the first evaluation (exit $STATUS): plain --compile for the ${LEFT}s left"
     run_compare "$LEFT" --compile
     STATUS=$?
 fi
 if [ "$STATUS" -ne 0 ]; then
     say "== stopped (exit $STATUS): rebuilding the report from the evaluations every run reached"
-    if [ -s "$OUT/progress.jsonl" ]; then
-        cp "$OUT/progress.jsonl" "$OUT/progress-cut.jsonl"
-        "$PY" scripts/compare_convergence.py "${ARGS[@]}" --from_progress "$OUT/progress-cut.jsonl" 2>&1 | tee -a "$LOG"
+    if evaluated; then
+        "$PY" scripts/compare_convergence.py "${ARGS[@]}" --collect 2>&1 | tee -a "$LOG"
     else
         say "no evaluation finished: nothing to report"
     fi

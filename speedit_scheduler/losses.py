@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import DDPMScheduler
 
-from .scheduling_speedit import SpeeDiTScheduler
+from .scheduling_speedit import Float64Schedule, SpeeDiTScheduler, float64_schedule
 
 
 @dataclass
@@ -21,16 +21,16 @@ class DiffusionLossOutput:
     vb: torch.Tensor | None  # per-sample, in bits per dimension; None for fixed-variance models
 
 
-def _normal_kl(mean1, logvar1, mean2, logvar2):
+def _normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, logvar2: torch.Tensor) -> torch.Tensor:
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def _approx_standard_normal_cdf(x):
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
     # The tanh approximation ADM and DiT use for the decoder likelihood; kept for faithfulness.
     return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _discretized_gaussian_log_likelihood(x, mean, log_scale):
+def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Log-likelihood of data in [-1, 1] quantised to 256 bins, edge bins open-ended (DDPM's L_0)."""
     centered = x - mean
     inv_std = torch.exp(-log_scale)
@@ -60,17 +60,20 @@ class DiTLoss:
       detached so it trains only the variance channels; at t = 0 it is the discretised-Gaussian
       decoder NLL. The weights multiply the MSE only, as published.
 
-    The computation runs in float32 (float64 when the model output is float64).
+    The tables derive from the scheduler's float64 schedule (`float64_schedule`: the very tensors of a
+    `SpeeDiTScheduler`, the same numbers for any other scheduler config), so the loss, the training
+    scheduler and the sampler share one noise schedule. The computation runs in float32 (float64 when
+    the model output is float64).
     """
 
-    def __init__(self, scheduler: DDPMScheduler):
+    def __init__(self, scheduler: DDPMScheduler) -> None:
         if isinstance(scheduler, SpeeDiTScheduler):
-            betas = scheduler.betas_float64
+            schedule = scheduler.schedule_float64
         else:
-            betas = scheduler.betas.to(torch.float64)
+            schedule = float64_schedule(scheduler.config)
+        self.schedule: Float64Schedule = schedule
         self.prediction_type = scheduler.config.prediction_type
-        abar = torch.cumprod(1.0 - betas, dim=0)
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        betas, abar, abar_prev = schedule.betas, schedule.alphas_cumprod, schedule.alphas_cumprod_prev
         posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # The posterior variance is 0 at t = 0; DiT clips its log to the t = 1 value.
         posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], posterior_variance[1:]]))
@@ -80,7 +83,7 @@ class DiTLoss:
             "sqrt_recip_abar": (1.0 / abar).sqrt(),
             "sqrt_recip_abar_minus_one": (1.0 / abar - 1.0).sqrt(),
             "posterior_mean_coef_x0": betas * abar_prev.sqrt() / (1.0 - abar),
-            "posterior_mean_coef_xt": (1.0 - abar_prev) * (1.0 - betas).sqrt() / (1.0 - abar),
+            "posterior_mean_coef_xt": (1.0 - abar_prev) * schedule.alphas.sqrt() / (1.0 - abar),
             "posterior_log_variance": posterior_log_variance,
             "log_betas": torch.log(betas),
         }
@@ -170,3 +173,24 @@ class DiTLoss:
         nll = -_discretized_gaussian_log_likelihood(x_start, model_mean, 0.5 * model_log_variance)
         nll = _mean_over_non_batch(nll) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
+
+
+class TimestepQuartileLoss:
+    """Running sums of the per-sample MSE in each quarter of [0, T), kept on the device so that
+    logging them costs no host sync until they are read."""
+
+    def __init__(self, num_train_timesteps: int, device: torch.device):
+        self.num_train_timesteps = num_train_timesteps
+        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
+        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+
+    def update(self, mse: torch.Tensor, timesteps: torch.Tensor) -> None:
+        quartile = (timesteps * 4 // self.num_train_timesteps).clamp_(0, 3)
+        self.sums.index_add_(0, quartile, mse.to(torch.float64))
+        self.counts.index_add_(0, quartile, torch.ones_like(mse, dtype=torch.float64))
+
+    def read_and_reset(self) -> dict[str, float]:
+        values = (self.sums / self.counts.clamp(min=1)).tolist()
+        self.sums.zero_()
+        self.counts.zero_()
+        return {f"loss/mse_t_q{i + 1}": v for i, v in enumerate(values)}

@@ -36,6 +36,8 @@ from diffusers import (
 from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
 
+from .scheduling_speedit import float64_schedule
+
 # sampler name -> (scheduler class, config overrides). Every sampler is built from a noise
 # scheduler's config (the training scheduler's, or a loaded pipeline's), so it keeps the model's
 # training noise schedule.
@@ -126,24 +128,21 @@ def dit_respaced_timesteps(num_train_timesteps: int, num_inference_steps: int) -
 
 
 def use_float64_tables(scheduler: DDPMScheduler) -> DDPMScheduler:
-    """Give a DDPM scheduler float64 `betas`/`alphas_cumprod`, as DiT's numpy tables are.
+    """Give a DDPM scheduler the float64 `betas`, `alphas` and `alphas_cumprod` of `float64_schedule`.
 
-    diffusers builds the tables in float32, so 1 - alphas_cumprod near t = 0 is off by up to
-    1.7e-4 (relative); DiT computes every coefficient in float64 and casts it to float32 when it
-    multiplies the sample. With float64 tables `DDPMScheduler.step` does the same (a 0-d float64
-    tensor times a float32 sample stays float32). Idempotent; only for CPU-held tables (the
+    diffusers builds these tables in float32, which loses relative precision in 1 - alphas_cumprod
+    near t = 0; DiT computes every coefficient in float64 and casts it to float32 when it multiplies
+    the sample. With float64 tables `DDPMScheduler.step` does the same (a 0-d float64 tensor times a
+    float32 sample stays float32), and the sampler uses the very numbers the training scheduler and
+    `DiTLoss` use, for any beta schedule of the config. Idempotent; only for CPU-held tables (the
     scheduler indexes them on the CPU).
     """
     if scheduler.alphas_cumprod.dtype == torch.float64:
         return scheduler
-    config = scheduler.config
-    if config.get("trained_betas") is None and config.beta_schedule == "linear":
-        betas = torch.linspace(config.beta_start, config.beta_end, config.num_train_timesteps, dtype=torch.float64)
-    else:  # other schedules: keep diffusers' betas, accumulate in float64
-        betas = scheduler.betas.double()
-    scheduler.betas = betas
-    scheduler.alphas = 1.0 - betas
-    scheduler.alphas_cumprod = torch.cumprod(scheduler.alphas, dim=0)
+    schedule = float64_schedule(scheduler.config)
+    scheduler.betas = schedule.betas
+    scheduler.alphas = schedule.alphas
+    scheduler.alphas_cumprod = schedule.alphas_cumprod
     scheduler.one = torch.tensor(1.0, dtype=torch.float64)
     return scheduler
 

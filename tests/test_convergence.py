@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
+from safetensors.torch import load_file
 
 from speedit_scheduler.tools.convergence import markdown_table, runs_from_progress, speedup_table, steps_to_reach
 
@@ -69,7 +71,7 @@ def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp
     assert uniform_1["history"][2]["frechet_distance"] == 90.0 / 3000
 
 
-def test_shortened_comparison_end_to_end(tmp_path):
+def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path):
     out = tmp_path / "conv"
     cmd = [
         sys.executable,
@@ -98,9 +100,8 @@ def test_shortened_comparison_end_to_end(tmp_path):
         "--output_dir",
         str(out),
     ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("results.json", "table.md", "convergence.png", "progress.jsonl"):
         assert (out / name).is_file(), name
@@ -118,6 +119,29 @@ def test_shortened_comparison_end_to_end(tmp_path):
     rebuilt = runs_from_progress(str(out / "progress.jsonl"))
     assert sorted((r["preset"], len(r["history"])) for r in rebuilt) == [("speed", 2), ("uniform", 2)]
     assert (out / "convergence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # A comparison run is a train_dit.py run: the same training settings typed by hand, without
+    # any evaluation, give the very same weights, raw and EMA, bit for bit.
+    direct = tmp_path / "direct"
+    train = [sys.executable, os.path.join(ROOT, "train_dit.py"), "--train_data", "digits", "--speedit", "speed",
+             "--seed", "0", "--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
+             "--train_batch_size", "8", "--learning_rate", "1e-3", "--ema_decay", "0.99", "--max_train_steps", "6",
+             "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--report_to", "none",
+             "--output_dir", str(direct)]  # fmt: skip
+    result = subprocess.run(train, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    compared = out / "runs" / "speed-seed0"
+    for weights in ("checkpoints/checkpoint-6/transformer", "checkpoints/checkpoint-6/transformer_ema", "transformer"):
+        a = load_file(compared / weights / "diffusion_pytorch_model.safetensors")
+        b = load_file(direct / weights / "diffusion_pytorch_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
+    uniform = load_file(out / "runs" / "uniform-seed0" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert not all(torch.equal(uniform[k], b[k]) for k in b), "the presets trained differently"
+
+    # A second call finds every run finished and only rebuilds the report.
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "train_dit.py" not in again.stdout, again.stdout[-2000:]
+    assert json.loads((out / "results.json").read_text())["runs"] == data["runs"]
 
 
 def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
@@ -208,58 +232,18 @@ def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
     assert bad.returncode == 2 and "use --metric fid --reference_batch" in bad.stderr
 
 
-def test_compiled_training_follows_the_eager_run(monkeypatch):
-    """--compile trains (as one graph of model and loss) the very parameters that the EMA and the
-    evaluation read, and a second run reuses the first run's compiled module from its own fresh
-    initialisation: with dynamo's eager backend (the same kernels), each compiled run's losses and
-    samples match its eager run's, and there is one compilation for both."""
-    import dataclasses
-
-    import torch
-
-    import speedit_scheduler.tools.convergence as convergence
-    from speedit_scheduler.data.loading import load_training_data
-    from speedit_scheduler.tools.convergence import ClassifierMetric, ComparisonConfig, train_one
-
-    dataset = load_training_data("digits", None)
-    metric = ClassifierMetric(dataset)
-    config = ComparisonConfig(presets=["speed"], seeds=[0], num_layers=1, hidden_size=32, num_attention_heads=2,
-                              batch_size=8, max_steps=4, eval_every=2, eval_samples_per_class=1,
-                              eval_inference_steps=2)  # fmt: skip
-    runs = [("speed", 0), ("uniform", 1)]
-    eager = [train_one(preset, seed, config, dataset, metric) for preset, seed in runs]
-    calls = []
-    real_compile = torch.compile
-
-    def compile_eagerly(model, backend="inductor", mode=None):
-        calls.append((type(model).__name__, backend, mode))
-        return real_compile(model, backend="eager")
-
-    monkeypatch.setattr(torch, "compile", compile_eagerly)
-    monkeypatch.setattr(convergence, "_compiled_modules", {})
-    torch._dynamo.reset()
-    compiled_config = dataclasses.replace(config, compile=True)
-    compiled = [train_one(preset, seed, compiled_config, dataset, metric) for preset, seed in runs]
-    assert calls == [("ModelWithLoss", "inductor", None)]
-    for eager_run, compiled_run in zip(eager, compiled):
-        for a, b in zip(eager_run["history"], compiled_run["history"], strict=True):
-            assert a["step"] == b["step"]
-            assert abs(a["train_loss"] - b["train_loss"]) < 1e-5 * abs(a["train_loss"])
-            assert abs(a["frechet_distance"] - b["frechet_distance"]) < 1e-3 * a["frechet_distance"]
-    assert eager[0]["history"][-1]["train_loss"] != eager[1]["history"][-1]["train_loss"]
-
-
 def test_ablation_options_fixed_variance_and_ddim():
-    """--no-learn_sigma trains epsilon-MSE only; --eval_sampler picks the evaluation sampler, with
-    the training schedule in every case."""
+    """--eval_sampler picks the evaluation sampler, with the training schedule in every case, and
+    evaluates fixed-variance (--no-learn_sigma) models with guidance."""
     import pytest
     import torch
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from speedit_scheduler import SpeeDiTScheduler
     from speedit_scheduler.data.loading import load_training_data
+    from speedit_scheduler.evaluation.along_training import ClassifierMetric, TrainingEvaluator
+    from speedit_scheduler.models import create_dit
     from speedit_scheduler.pipeline_speedit import training_sampler
-    from speedit_scheduler.tools.convergence import ClassifierMetric, ComparisonConfig, train_one
 
     training = SpeeDiTScheduler.from_preset("speed")
     ddpm_fixed = training_sampler(training, "ddpm", learned_variance=False, clip_sample=True)
@@ -275,11 +259,13 @@ def test_ablation_options_fixed_variance_and_ddim():
         training_sampler(training, "bogus", learned_variance=True, clip_sample=True)
 
     dataset = load_training_data("digits", None)
-    config = ComparisonConfig(num_layers=1, hidden_size=32, num_attention_heads=2, batch_size=8, max_steps=2,
-                              eval_every=2, eval_samples_per_class=1, eval_inference_steps=3, learn_sigma=False,
-                              eval_sampler="ddim", guidance_scale=1.5)  # fmt: skip
-    (h,) = train_one("speed", 0, config, dataset, ClassifierMetric(dataset))["history"]
-    assert h["step"] == 2 and h["frechet_distance"] > 0 and 0 <= h["accuracy"] <= 1 and math.isfinite(h["train_loss"])
+    model = create_dit("S/2", seed=0, sample_size=8, in_channels=1, num_classes=10, learn_sigma=False,
+                       num_layers=1, hidden_size=32, num_attention_heads=2)  # fmt: skip
+    evaluator = TrainingEvaluator(ClassifierMetric(dataset), dataset, training, samples_per_class=1, sampler="ddim",
+                                  guidance_scale=1.5, num_inference_steps=3, seed=0, device="cpu")  # fmt: skip
+    values = evaluator(model.eval())
+    assert values["frechet_distance"] > 0 and 0 <= values["accuracy"] <= 1
+    assert values == evaluator(model), "every evaluation draws the same labels and noise"
 
 
 def test_presets_run_without_uniform_get_their_speedup_once_merged(tmp_path):
@@ -308,7 +294,7 @@ def test_denoising_error_by_region():
 
     from speedit_scheduler import SpeeDiTScheduler
     from speedit_scheduler.data.loading import load_training_data
-    from speedit_scheduler.tools.convergence import denoising_error_by_region
+    from speedit_scheduler.evaluation.along_training import denoising_error_by_region
 
     dataset = load_training_data("digits", None)
     scheduler = SpeeDiTScheduler.from_preset("speed")
@@ -351,3 +337,52 @@ def test_the_published_mnist32_report_is_what_its_progress_files_give():
     assert "| speed | 3000 | 36.162 ± 10.876 | 0.145 | 1.58x |" in table
     results = json.loads((report / "results.json").read_text())
     assert results["config"]["max_steps"] == 10000 and results["config"]["seeds"] == [0, 1]
+
+
+def test_imagenet_reproduction_command_dry_runs_on_tiny_settings(tmp_path):
+    """scripts/reproduce_imagenet.sh end to end on the CPU: class folders of images -> latents
+    (a tiny VAE) -> uniform and speed train_dit.py runs evaluated with FID & co. (a random
+    Inception) -> table and plot; a second call finds everything done."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+    from test_evaluate import random_inception, save_weights
+
+    rng = np.random.default_rng(0)
+    for c in ("n01440764", "n01443537", "n01484850"):
+        os.makedirs(tmp_path / "imagenet" / c)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                tmp_path / "imagenet" / c / f"{i}.png"
+            )
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
+                  norm_num_groups=4, layers_per_block=1, sample_size=16).save_pretrained(tmp_path / "vae")  # fmt: skip
+    weights = save_weights(random_inception(), str(tmp_path / "inception.pth"))
+    np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "SPEEDIT_OUT": str(out), "SPEEDIT_LAUNCH": sys.executable, "SPEEDIT_VAE": str(tmp_path / "vae"),
+           "SPEEDIT_RESOLUTION": "16", "SPEEDIT_MODEL": "S/2",
+           "SPEEDIT_MODEL_SIZE": "--num_layers 1 --hidden_size 32 --num_attention_heads 2", "SPEEDIT_BATCH_SIZE": "4",
+           "SPEEDIT_MAX_STEPS": "2", "SPEEDIT_EVAL_EVERY": "2", "SPEEDIT_EVAL_SAMPLES_PER_CLASS": "2",
+           "SPEEDIT_EVAL_INFERENCE_STEPS": "2", "SPEEDIT_DEVICE": "cpu", "SPEEDIT_MIXED_PRECISION": "no"}  # fmt: skip
+    command = ["bash", os.path.join(ROOT, "scripts", "reproduce_imagenet.sh"), str(tmp_path / "imagenet"),
+               str(tmp_path / "ref.npz"), weights]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "latents" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["num_samples"] == 12
+    data = json.loads((out / "comparison" / "results.json").read_text())
+    assert {(r["preset"], r["seed"]) for r in data["runs"]} == {("uniform", 0), ("speed", 0)}
+    for run in data["runs"]:
+        assert [h["step"] for h in run["history"]] == [2]
+        assert all(h["fid"] > 0 and 0 <= h["precision"] <= 1 for h in run["history"])
+    table = (out / "comparison" / "table.md").read_text()
+    assert "fid (mean ± std)" in table and "| speed | 2 |" in table
+    assert (out / "comparison" / "convergence.png").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "train_dit.py" not in again.stdout and "extract" not in again.stderr.lower()
+    missing = subprocess.run(command[:2] + [str(tmp_path / "nope"), *command[3:]], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope does not exist" in missing.stderr

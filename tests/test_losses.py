@@ -5,9 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from speedit_scheduler import SpeeDiTScheduler
 from speedit_scheduler.losses import DiTLoss
+from speedit_scheduler.pipeline_speedit import training_sampler, use_float64_tables
 
 
 def reference_vb_bits(eps, v, x0, xt, t, betas):
@@ -62,6 +64,57 @@ def make_batch(t, channels=3, size=4, seed=0, dtype=torch.float64):
     output = torch.randn(n, 2 * channels, size, size, generator=g, dtype=dtype) * 0.5
     output[:, channels:] = output[:, channels:].clamp(-1, 1)
     return x0, noise, output
+
+
+def _linear_betas(beta_start, beta_end, num_steps):
+    return torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, reference_betas",
+    [
+        ({}, lambda: _linear_betas(1e-4, 0.02, 1000)),  # DiT's schedule
+        ({"num_train_timesteps": 2000, "beta_start": 5e-5, "beta_end": 0.01}, lambda: _linear_betas(5e-5, 0.01, 2000)),
+        (
+            {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+            lambda: _linear_betas(0.00085**0.5, 0.012**0.5, 1000) ** 2,
+        ),
+        (
+            {"trained_betas": np.linspace(1e-4, 0.03, 500).tolist(), "num_train_timesteps": 500},
+            lambda: torch.from_numpy(np.linspace(1e-4, 0.03, 500)),
+        ),
+    ],
+)
+def test_loss_and_sampler_read_the_schedulers_float64_table(kwargs, reference_betas):
+    """One float64 schedule: the scheduler's, the loss's and the sampler's tables are all bit for
+    bit one reference computation of the betas and their cumulative product in float64."""
+    betas = reference_betas()
+    abar = torch.cumprod(1.0 - betas, dim=0)
+    scheduler = SpeeDiTScheduler(**kwargs)
+    assert torch.equal(scheduler.betas_float64, betas) and torch.equal(scheduler.alphas_cumprod_float64, abar)
+
+    loss = DiTLoss(scheduler)
+    assert loss.schedule is scheduler.schedule_float64
+    assert torch.equal(loss.tables["log_betas"], torch.log(betas))
+    assert torch.equal(loss.tables["sqrt_abar"], abar.sqrt())
+    assert torch.equal(loss.tables["sqrt_one_minus_abar"], (1.0 - abar).sqrt())
+    assert torch.equal(loss.tables["sqrt_recip_abar"], (1.0 / abar).sqrt())
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    assert torch.equal(loss.tables["posterior_mean_coef_x0"], betas * abar_prev.sqrt() / (1.0 - abar))
+    # A plain DDPM scheduler of the same config gives the loss the same tables, not its float32 ones.
+    plain = DDPMScheduler.from_config(training_sampler(scheduler, learned_variance=True, clip_sample=False).config)
+    for name, table in DiTLoss(plain).tables.items():
+        assert torch.equal(table, loss.tables[name]), name
+
+    for learned_variance in (True, False):
+        sampler = use_float64_tables(
+            training_sampler(scheduler, "ddpm", learned_variance=learned_variance, clip_sample=False)
+        )
+        assert torch.equal(sampler.betas, betas)
+        assert torch.equal(sampler.alphas, 1.0 - betas)
+        assert torch.equal(sampler.alphas_cumprod, abar)
+        assert sampler.one.dtype == torch.float64 and sampler.one.item() == 1.0
+        assert use_float64_tables(sampler) is sampler and torch.equal(sampler.alphas_cumprod, abar)  # idempotent
 
 
 @pytest.mark.parametrize("preset", ["speed", "uniform"])

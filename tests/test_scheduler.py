@@ -1,12 +1,20 @@
+import ast
+import inspect
 import math
+import re
+import typing
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar as diffusers_betas_for_alpha_bar
 from scipy import stats
 
-from speedit_scheduler import PRESETS, SpeeDiTScheduler
+from speedit_scheduler import LOSS_WEIGHTINGS, PRESETS, TIMESTEP_SAMPLINGS, SpeeDiTScheduler
+from speedit_scheduler.losses import DiTLoss
+from speedit_scheduler.pipeline_speedit import training_sampler, use_float64_tables
+from speedit_scheduler.scheduling_speedit import betas_for_alpha_bar, float64_schedule
 
 
 def rel_close(actual: float, expected: float, rel: float = 1e-6) -> bool:
@@ -156,17 +164,17 @@ def test_tau_and_meaningful_step_scale_with_num_train_timesteps():
     assert t.max() < 2000
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [
-        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
-        {"beta_schedule": "squaredcos_cap_v2"},
-        {"beta_schedule": "sigmoid"},
-        {"rescale_betas_zero_snr": True},
-        {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()},
-        {"num_train_timesteps": 100},
-    ],
-)
+BETA_SCHEDULES = [
+    {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012},
+    {"beta_schedule": "squaredcos_cap_v2"},
+    {"beta_schedule": "sigmoid"},
+    {"rescale_betas_zero_snr": True},
+    {"trained_betas": np.linspace(1e-4, 0.02, 1000).tolist()},
+    {"num_train_timesteps": 100},
+]
+
+
+@pytest.mark.parametrize("kwargs", BETA_SCHEDULES)
 def test_every_beta_schedule(kwargs):
     for preset in PRESETS:
         s = SpeeDiTScheduler.from_preset(preset, **kwargs)
@@ -178,6 +186,67 @@ def test_every_beta_schedule(kwargs):
         assert p.sum().item() == pytest.approx(1.0) and torch.isfinite(w).all()
         t, _ = s.sample_timesteps(512, torch.Generator().manual_seed(0))
         assert 0 <= t.min() and t.max() < T
+
+
+@pytest.mark.parametrize("kwargs", [*BETA_SCHEDULES, {"beta_schedule": "laplace"}, {}])
+def test_one_float64_table_for_scheduler_loss_and_sampler(kwargs):
+    """`float64_schedule` is the only source of float64 tables: the scheduler holds it, the loss
+    reads the scheduler's tensors, and the sampler built from the scheduler's config gets equal ones."""
+    s = SpeeDiTScheduler(**kwargs)
+    schedule = float64_schedule(s.config)
+    assert schedule.betas.dtype == schedule.alphas_cumprod.dtype == torch.float64
+    assert s.betas_float64 is s.schedule_float64.betas and s.alphas_cumprod_float64 is s.schedule_float64.alphas_cumprod
+    assert torch.equal(s.betas_float64, schedule.betas) and torch.equal(
+        s.alphas_cumprod_float64, schedule.alphas_cumprod
+    )
+    assert torch.equal(schedule.alphas, 1.0 - schedule.betas)
+    assert torch.equal(schedule.alphas_cumprod, torch.cumprod(schedule.alphas, dim=0))
+    assert torch.equal(schedule.alphas_cumprod_prev[1:], schedule.alphas_cumprod[:-1])
+    assert schedule.alphas_cumprod_prev[0].item() == 1.0
+    if not s.config.rescale_betas_zero_snr:  # (diffusers rescales in float32: it rounds along the way)
+        # The float64 betas are diffusers' float32 betas before the rounding.
+        torch.testing.assert_close(schedule.betas.float(), s.betas, rtol=1e-6, atol=1e-7)
+
+    assert DiTLoss(s).schedule is s.schedule_float64
+    sampler = use_float64_tables(training_sampler(s, "ddpm", learned_variance=True, clip_sample=False))
+    assert torch.equal(sampler.betas, schedule.betas)
+    assert torch.equal(sampler.alphas_cumprod, schedule.alphas_cumprod)
+    if s.config.rescale_betas_zero_snr:
+        assert sampler.alphas_cumprod[-1].item() == 0.0  # the sampler keeps the rescaling too
+
+
+def test_float64_cosine_betas_round_to_diffusers_float32_betas():
+    for kind in ("cosine", "laplace"):
+        ours = betas_for_alpha_bar(1000, alpha_transform_type=kind)
+        assert ours.dtype == torch.float64
+        assert torch.equal(ours.float(), diffusers_betas_for_alpha_bar(1000, alpha_transform_type=kind))
+
+
+def test_float64_schedule_rejects_unknown_schedules():
+    config = dict(SpeeDiTScheduler().config)
+    with pytest.raises(NotImplementedError, match="cosine"):
+        float64_schedule({**config, "beta_schedule": "cosine"})
+
+
+def test_string_options_are_typed_and_every_argument_is_documented():
+    hints = typing.get_type_hints(SpeeDiTScheduler.__init__)
+    assert typing.get_args(hints["timestep_sampling"]) == TIMESTEP_SAMPLINGS
+    assert typing.get_args(hints["loss_weighting"]) == LOSS_WEIGHTINGS
+    for name in ("beta_schedule", "variance_type", "prediction_type", "timestep_spacing"):
+        assert typing.get_origin(hints[name]) is typing.Literal, name
+    assert "laplace" in typing.get_args(hints["beta_schedule"])
+    assert set(typing.get_args(hints["variance_type"])) >= {"fixed_small", "learned_range"}
+    # diffusers-style `Args:`: every argument, with its type and its default.
+    headers = dict(re.findall(r"^ {4}(\w+) \((.+)\):$", inspect.getdoc(SpeeDiTScheduler), flags=re.MULTILINE))
+    for name, parameter in inspect.signature(SpeeDiTScheduler.__init__).parameters.items():
+        if name == "self":
+            continue
+        assert name in headers, name
+        if parameter.default is None:
+            assert "*optional*" in headers[name], name
+        else:
+            (default,) = re.findall(r"defaults to `(.+)`$", headers[name])
+            assert ast.literal_eval(default) == parameter.default, name
 
 
 # ---------------------------------------------------------------------------------------------

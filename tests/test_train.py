@@ -60,15 +60,18 @@ def run_script(args, extra_env=None, launcher=None):
 
 
 def checkpoint_tensors(path):
-    out = {f"model.{k}": v for k, v in load_file(os.path.join(path, "model.safetensors")).items()}
+    """Every tensor a checkpoint holds: the raw and EMA transformers (diffusers folders), the
+    optimizer state and the EMA's update count."""
+    out = {}
+    for folder in ("transformer", "transformer_ema"):
+        weights = load_file(os.path.join(path, folder, "diffusion_pytorch_model.safetensors"))
+        out.update({f"{folder}.{k}": v for k, v in weights.items()})
     optim = torch.load(os.path.join(path, "optimizer.bin"), weights_only=True)
     for key, state in optim["state"].items():
         for name, value in state.items():
             out[f"optim.{key}.{name}"] = value
-    ema = torch.load(os.path.join(path, "custom_checkpoint_0.pkl"), weights_only=False)
-    for i, value in enumerate(ema["shadow_params"]):
-        out[f"ema.{i}"] = value
-    out["ema.optimization_step"] = torch.tensor(ema["optimization_step"])
+    ema_state = json.load(open(os.path.join(path, "transformer_ema", "ema_state.json")))
+    out["ema.optimization_step"] = torch.tensor(ema_state["optimization_step"])
     return out
 
 
@@ -79,7 +82,8 @@ def assert_bitwise_equal(a, b):
 
 
 def test_kill_9_and_resume_is_bitwise_identical(tmp_path):
-    common = TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2"]
+    evaluation = ["--evaluation_steps", "3", "--evaluation_samples_per_class", "1", "--evaluation_inference_steps", "2"]
+    common = TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2"] + evaluation
     straight = run_script(common + ["--output_dir", str(tmp_path / "a")])
     assert straight.returncode == 0, straight.stderr[-3000:]
 
@@ -106,6 +110,20 @@ def test_kill_9_and_resume_is_bitwise_identical(tmp_path):
     assert_bitwise_equal(exported_a, exported_b)
     state = json.load(open(os.path.join(out_b, "checkpoints", "checkpoint-6", "training_state.json")))
     assert state["step"] == 6 and state["seed"] == 0
+    ckpt = os.path.join(out_b, "checkpoints", "checkpoint-6")
+    assert not [f for f in os.listdir(ckpt) if f.startswith("custom_checkpoint") or f == "model.safetensors"]
+
+    # evaluations.jsonl: the killed run wrote step 3 before checkpoint 4; the resumed run kept it
+    # and added step 6. No gap, no duplicate, and the same numbers as the uninterrupted run.
+    def evaluations(folder):
+        lines = open(os.path.join(folder, "evaluations.jsonl")).read().splitlines()
+        return [
+            {k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "train_loss"} for line in lines
+        ]
+
+    straight_evals, resumed_evals = evaluations(tmp_path / "a"), evaluations(out_b)
+    assert [r["step"] for r in resumed_evals] == [3, 6]
+    assert resumed_evals == straight_evals
 
 
 class _InterruptedAccelerator:
@@ -311,6 +329,37 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path):
     assert training.config.timestep_sampling == "speed"
     card = open(os.path.join(out, "README.md")).read()
     assert "library_name: diffusers" in card and "speedit" in card and "2 steps" in card
+
+    # the final checkpoint builds the exported pipeline: same EMA weights, the recorded VAE
+    from speedit_scheduler.training.export import pipeline_from_checkpoint
+
+    again = pipeline_from_checkpoint(os.path.join(out, "checkpoints", "checkpoint-2"))
+    assert isinstance(again, DiTPipeline) and again.get_label_ids(["dog"]) == [1]
+    exported = pipe.transformer.state_dict()
+    assert all(torch.equal(v, exported[k]) for k, v in again.transformer.state_dict().items())
+    assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in again.vae.state_dict().items())
+
+
+def test_every_checkpoint_samples_as_the_export_would(tmp_path):
+    """checkpoint-N holds the transformer in diffusers format: sample_dit.py samples any
+    checkpoint, and the final one gives, bit for bit, the exported pipeline's samples."""
+    import sample_dit
+
+    out = tmp_path / "out"
+    train_dit.main(_tiny_args(out, "--ema_decay", "0.5"))  # a short EMA: checkpoints 2 and 4 differ
+
+    def mass_sample(model, name):
+        sample_dir = tmp_path / name
+        sample_dit.main(["--model", str(model), "--num_samples", "6", "--sample_dir", str(sample_dir),
+                         "--num_inference_steps", "3", "--guidance_scale", "1.5", "--batch_size", "4"])  # fmt: skip
+        with np.load(sample_dir / "samples_6.npz") as samples:
+            return samples["arr_0"]
+
+    exported = mass_sample(out, "export")
+    final = mass_sample(out / "checkpoints" / "checkpoint-4", "final")
+    earlier = mass_sample(out / "checkpoints" / "checkpoint-2", "earlier")
+    assert exported.shape == (6, 8, 8, 3) and np.array_equal(final, exported)
+    assert not np.array_equal(earlier, exported)
 
 
 def _tiny_args(out, *extra):

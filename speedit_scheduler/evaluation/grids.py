@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+from diffusers.utils import make_image_grid
 from PIL import Image, ImageDraw, ImageFont
 
 # --------------------------------------------------------------------------------------------
@@ -35,3 +37,17 @@ def labelled_grid(images: list[Image.Image], captions: list[str], max_cols: int 
             caption = caption[:-1]
         draw.text((x + 1, y + tile_h + 1), caption, fill="black", font=font)
     return grid
+
+
+@torch.no_grad()
+def class_grid(pipeline, num_classes: int, per_class: int, guidance_scale: float, steps: int, seed: int):
+    """A grid of samples from `pipeline`: one row per class (the first 10 classes at most),
+    `per_class` samples each, enlarged to at least 64 pixels."""
+    classes = list(range(min(num_classes, 10)))
+    labels = [c for c in classes for _ in range(per_class)]
+    generator = torch.Generator(device=pipeline.device).manual_seed(seed)
+    images = pipeline(
+        class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps, generator=generator
+    ).images
+    size = max(images[0].size[0], 64)
+    return make_image_grid(images, rows=len(classes), cols=per_class, resize=size)

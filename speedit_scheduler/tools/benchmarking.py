@@ -4,7 +4,7 @@ TFLOP/s against a matmul ceiling measured in the same process, peak memory, and 
 the SpeeD step (scheduler, hybrid loss, EMA, bookkeeping) over a bare forward/backward/AdamW step.
 
 `scripts/benchmark_throughput.py` is the command line; everything measured lives here so the
-trainer and the benchmark share one definition of "a training step" (`run_trainer_step`).
+trainer and the benchmark share one definition of "a training step" (`TrainingEngine.step`).
 """
 
 from __future__ import annotations
@@ -32,14 +32,7 @@ from ..losses import DiTLoss
 from ..models import create_dit, disable_internal_label_dropout, dit_config, null_class_label
 from ..scheduling_speedit import PRESETS, SpeeDiTScheduler
 from ..training.ema import create_ema
-from ..training.engine import (
-    TimestepQuartileLoss,
-    TrainerStepState,
-    check_compile_mode,
-    compile_model,
-    mark_compiled_step,
-    run_trainer_step,
-)
+from ..training.engine import TrainingEngine, check_compile_mode, compile_model, mark_compiled_step
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 ATTENTION_BACKENDS = ("sdpa", "math", "flash", "efficient", "xformers")
@@ -367,21 +360,20 @@ class TrainingBenchmark:
         if ema is not None:
             ema.to(self.device)
         self.prepared_model = model
-        self.state = TrainerStepState(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            scheduler=self.scheduler,
-            loss_fn=DiTLoss(self.scheduler),
-            ema=ema,
-            quartiles=TimestepQuartileLoss(self.scheduler.config.num_train_timesteps, self.device),
-            loss_sum=torch.zeros((), device=self.device, dtype=torch.float64),
-            first_bad_step=torch.full((), -1, device=self.device, dtype=torch.long),
+        self.engine = TrainingEngine(
+            self.accelerator,
+            model,
+            optimizer,
+            lr_scheduler,
+            self.scheduler,
+            DiTLoss(self.scheduler),
+            ema,
             class_dropout_prob=config.class_dropout_prob,
             null_label=null_class_label(base),
             max_grad_norm=config.max_grad_norm,
             seed=config.seed,
         )
+        self.bare_model = model
         self.micro_step = 0
         self.attention = "sdpa"
         self.set_batch(config.batch_size)
@@ -417,28 +409,31 @@ class TrainingBenchmark:
             base.enable_gradient_checkpointing()
         else:
             base.disable_gradient_checkpointing()
-        model = self.prepared_model
+        self.engine.uncompile()
+        self.bare_model = self.prepared_model
         if compile:
             torch._dynamo.reset()  # a fresh static-shape compile per configuration, as one training run gets
-            model = compile_model(model, self.config.compile_mode, self.config.compile_backend)
-        self.state.model = model
+            # the trainer's compiled path (model and loss as one graph); the bare step compiles the model alone
+            self.engine.compile(self.config.compile_mode, self.config.compile_backend)
+            self.bare_model = compile_model(self.prepared_model, self.config.compile_mode, self.config.compile_backend)
 
     def trainer_step(self) -> None:
-        mark_compiled_step(self.config.compile_mode if self.state.model is not self.prepared_model else None)
         with _attention_context(self.attention):
-            run_trainer_step(self.accelerator, self.state, self.x_start, self.labels, self.micro_step, self.micro_step)
+            self.engine.step(self.x_start, self.labels, self.micro_step)
         self.micro_step += 1
 
     def bare_step(self) -> None:
         """Forward, plain MSE, backward, the same AdamW: no scheduler, hybrid loss, EMA or bookkeeping."""
-        state = self.state
+        optimizer = self.engine.optimizer
+        if self.bare_model is not self.prepared_model:
+            mark_compiled_step(self.config.compile_mode)
         with _attention_context(self.attention):
             with self.accelerator.autocast():
-                out = state.model(self.bare_x_t, timestep=self.bare_timesteps, class_labels=self.labels).sample
+                out = self.bare_model(self.bare_x_t, timestep=self.bare_timesteps, class_labels=self.labels).sample
                 loss = F.mse_loss(out.float(), self.bare_target)
             self.accelerator.backward(loss)
-            state.optimizer.step()
-            state.optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     def reset_peak_memory(self) -> None:
         if self.device.type == "cuda":
@@ -484,7 +479,7 @@ def measure(
             seconds = time_calls(fn, cfg.steps, bench.device, cfg.clock) / cfg.steps
             (trainer_s if kind == "trainer" else bare_s).append(seconds)
     memory_gib, memory_kind = peak_memory(bench.device)
-    if not torch.isfinite(bench.state.loss_sum):
+    if not torch.isfinite(bench.engine.loss_sums["log"]):
         raise FloatingPointError("the loss became NaN or inf during the benchmark: the timings are meaningless.")
 
     images_per_s = [batch_size / s for s in trainer_s]
@@ -713,7 +708,7 @@ def run_benchmark(
                         row = measure(bench, batch_size, attention, ckpt, compile, flops, matmul["tflops"], overhead)
                     except torch.cuda.OutOfMemoryError:
                         oom = True
-                        bench.state.optimizer.zero_grad(set_to_none=True)
+                        bench.engine.optimizer.zero_grad(set_to_none=True)
                         bench.reset_peak_memory()
                         row = {**base_row, "status": "oom"}
                 row.update(device=env["device"], device_name=env["device_name"], matmul_tflops=matmul["tflops"])

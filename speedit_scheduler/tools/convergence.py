@@ -1,36 +1,25 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
-"""Convergence comparison of timestep presets: same model initialisation, same data order, same
-per-step random streams, only the training scheduler differs. Used by
-`scripts/compare_convergence.py`."""
+"""Convergence comparison of timestep presets, as a driver over the trainer: every (preset,
+seed) run is a `train_dit.py` run (a subprocess) with `--evaluation_steps`, so the published
+curves are curves of the program users run. Runs of one seed share the model initialisation,
+the data order and every random stream; only the noise scheduler's preset differs. Used by
+`scripts/compare_convergence.py`, which turns the runs' `evaluations.jsonl` into a table and a
+plot."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import subprocess
 import sys
-import time
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
-from diffusers import DiTTransformer2DModel
 
-from ..data import ClassConditionalDataset, DeterministicOrder, TrainingDataset, load_training_data
-from ..evaluation.metrics import FIDMetric, ReferenceClassifier
-from ..losses import DiTLoss
-from ..models import create_dit, disable_internal_label_dropout, null_class_label
-from ..pipeline_speedit import SpeeDiTPipeline, training_sampler
-from ..scheduling_speedit import SpeeDiTScheduler
-from ..training.ema import create_ema
-from ..training.engine import (
-    ModelWithLoss,
-    TimestepQuartileLoss,
-    compile_model,
-    mark_compiled_step,
-    training_step_loss,
-)
-from ..utils import seeded_generator
+from ..evaluation.along_training import EVALUATION_FILE
 
 
 @dataclass
@@ -56,252 +45,141 @@ class ComparisonConfig:
     guidance_scale: float = 1.0
     learn_sigma: bool = True  # DiT's learned variance and hybrid loss; False: epsilon-MSE only
     eval_sampler: str = "ddpm"  # "ddpm" (ancestral, DiT's evaluation) or "ddim"
-    device: str = "cpu"
+    device: str = "cpu"  # "cpu" hides the GPUs from the runs; "cuda" lets accelerate use them
     mixed_precision: str = "no"  # "bf16" autocast on GPUs
-    compile: bool = False  # torch.compile the training forward (GPUs: fuses DiT's small elementwise ops)
+    compile: bool = False  # the trainer's compiled step (model and loss as one graph)
     compile_mode: str | None = None  # inductor's mode; "reduce-overhead" also captures CUDA graphs
     metric: str = "classifier"  # or "fid": ADM's FID/sFID/IS/precision/recall against reference_batch
     reference_batch: str | None = None  # ADM-format .npz of real images (scripts/evaluate.py --make_reference)
     inception_weights: str | None = None  # torch-fidelity's FID Inception weights file
     vae: str | None = None  # decodes latent data for the metric; default: the latents folder's VAE
-    progress_path: str | None = None  # JSON lines appended at every evaluation (survives a kill)
+    launcher: list[str] = field(default_factory=lambda: [sys.executable])  # e.g. ["accelerate", "launch"]
 
 
-class ClassifierMetric:
-    """Frechet distance in the features of a classifier trained on the real images (lower is
-    better) and the class accuracy of class-conditional samples."""
-
-    primary = "frechet_distance"
-    keys = ["frechet_distance", "accuracy"]
-
-    def __init__(self, dataset: ClassConditionalDataset):
-        if dataset.latent:
-            raise ValueError(
-                "the classifier metric needs pixel data: use --metric fid with --reference_batch for latent data."
-            )
-        self.classifier = ReferenceClassifier(dataset.samples.float() / 255.0, dataset.labels)
-
-    def __call__(self, images: torch.Tensor, labels: list[int]) -> dict[str, float]:
-        return {
-            "frechet_distance": self.classifier.frechet_distance(images),
-            "accuracy": self.classifier.accuracy(images, labels),
-        }
-
-
-def build_metric(config: ComparisonConfig, dataset: TrainingDataset):
-    """The quality measure of a comparison: the digit classifier, or FID & co. through Inception."""
-    if config.metric == "classifier":
-        return ClassifierMetric(dataset)
-    if config.metric == "fid":
-        if not config.reference_batch:
-            raise ValueError(
-                "--metric fid needs --reference_batch REF.npz (make one with scripts/evaluate.py --make_reference)."
-            )
-        metric = FIDMetric(config.reference_batch, config.inception_weights, device=config.device)
-        metric.keys = list(metric.lower_is_better)
-        return metric
-    raise ValueError(f"--metric {config.metric!r} is not one of 'classifier', 'fid'.")
-
-
-def load_decoder(config: ComparisonConfig, dataset: TrainingDataset):
-    """The VAE that turns generated latents into images for the metric (None for pixel data)."""
-    if not dataset.latent:
-        return None
-    from diffusers import AutoencoderKL
-
-    path = config.vae or getattr(dataset, "vae_name_or_path", None)
-    if path is None:
-        raise ValueError("latent .npz data does not say which VAE made it: pass --vae.")
-    return AutoencoderKL.from_pretrained(path).to(config.device).eval()
-
-
-@torch.no_grad()
-def generate(
-    model, scheduler: SpeeDiTScheduler, num_classes: int, per_class: int, config: ComparisonConfig, seed: int, vae=None
-):
-    learned = model.config.out_channels == 2 * model.config.in_channels
-    sampler = training_sampler(scheduler, config.eval_sampler, learned_variance=learned, clip_sample=vae is None)
-    pipeline = SpeeDiTPipeline(transformer=model, scheduler=sampler, vae=vae).to(config.device)
-    pipeline.set_progress_bar_config(disable=True)
-    labels = [c for c in range(num_classes) for _ in range(per_class)]
-    generator = seeded_generator("evaluation", seed, device=config.device)
-    images = pipeline(
-        class_labels=labels,
-        guidance_scale=config.guidance_scale,
-        num_inference_steps=config.eval_inference_steps,
-        generator=generator,
-        output_type="pt",
-    ).images
-    return images.float().cpu(), labels
+def train_dit_args(config: ComparisonConfig, preset: str, seed: int, output_dir: str) -> list[str]:
+    """The `train_dit.py` flags of one comparison run."""
+    args = [
+        "--train_data", config.train_data,
+        "--output_dir", output_dir,
+        "--speedit", preset,
+        "--seed", str(seed),
+        "--model", config.model,
+        "--train_batch_size", str(config.batch_size),
+        "--learning_rate", repr(config.learning_rate),
+        "--ema_decay", repr(config.ema_decay),
+        "--class_dropout_prob", repr(config.class_dropout_prob),
+        "--max_train_steps", str(config.max_steps),
+        "--learn_sigma" if config.learn_sigma else "--no-learn_sigma",
+        "--mixed_precision", config.mixed_precision,
+        "--allow_tf32",
+        "--evaluation_steps", str(config.eval_every),
+        "--evaluation_metric", config.metric,
+        "--evaluation_samples_per_class", str(config.eval_samples_per_class),
+        "--evaluation_inference_steps", str(config.eval_inference_steps),
+        "--evaluation_sampler", config.eval_sampler,
+        "--evaluation_guidance_scale", repr(config.guidance_scale),
+        # a checkpoint per evaluation, so a killed comparison resumes where it stopped
+        "--checkpointing_steps", str(config.eval_every),
+        "--checkpoints_total_limit", "1",
+        "--resume_from_checkpoint", "latest",
+        "--validation_steps", str(config.max_steps),
+        "--validation_images_per_class", "2",
+        "--validation_inference_steps", str(config.eval_inference_steps),
+        "--validation_guidance_scale", "1.0",
+        "--logging_steps", str(min(100, config.eval_every)),
+        "--report_to", "none",
+    ]  # fmt: skip
+    optional = {
+        "resolution": config.resolution,
+        "num_layers": config.num_layers,
+        "hidden_size": config.hidden_size,
+        "num_attention_heads": config.num_attention_heads,
+        "compile_mode": config.compile_mode,
+        "reference_batch": config.reference_batch,
+        "inception_weights": config.inception_weights,
+        "pretrained_vae_model_name_or_path": config.vae,
+    }
+    for name, value in optional.items():
+        if value is not None:
+            args += [f"--{name}", str(value)]
+    if config.compile:
+        args.append("--compile")
+    return args
 
 
-@torch.no_grad()
-def denoising_error_by_region(
-    model, scheduler: SpeeDiTScheduler, dataset: TrainingDataset, device: torch.device, num_samples: int = 256
-) -> dict[str, float]:
-    """The model's epsilon-MSE on the first `num_samples` real samples, one timestep each, evenly
-    spread over [0, T), averaged per quarter of [0, T) (`mse_t_q1` lowest noise .. `mse_t_q4`
-    highest). Fixed samples, timesteps and noise, so every preset and step is measured alike:
-    this is where a preset's training has or has not spent its updates (SpeeD trains t >= 700
-    about 7 times less often than uniform)."""
-    num_samples = min(num_samples, len(dataset))
-    batch = dataset.get_batch(torch.arange(num_samples), device=device)
-    x_start, labels = batch["samples"], batch["class_labels"]
-    steps = scheduler.config.num_train_timesteps
-    timesteps = torch.linspace(0, steps - 1, num_samples).round().long().to(device)
-    noise = torch.randn(x_start.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    x_t = scheduler.add_noise(x_start, noise, timesteps)
-    output = model(x_t, timestep=timesteps, class_labels=labels).sample
-    mse = ((output[:, : x_start.shape[1]].float() - noise) ** 2).flatten(1).mean(1)
-    quarters = TimestepQuartileLoss(steps, device)  # the trainer's per-quarter bookkeeping
-    quarters.update(mse, timesteps)
-    return {name.removeprefix("loss/"): value for name, value in quarters.read_and_reset().items()}
+def run_dir(output_dir: str, preset: str, seed: int) -> str:
+    return os.path.join(output_dir, "runs", f"{preset}-seed{seed}")
 
 
-_compiled_modules: dict[tuple, tuple[torch.nn.Module, torch.nn.Module]] = {}
+def read_history(folder: str) -> list[dict]:
+    path = os.path.join(folder, EVALUATION_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
-def _compiled_training_module(model, loss_fn: DiTLoss, device: torch.device, mode: str | None):
-    """`(model, compiled ModelWithLoss of it)`, one pair per architecture, schedule and mode in
-    a process: a later run copies its initial weights into the first run's model, in place, and
-    so reuses the compiled graphs and recorded CUDA graphs (the same parameter addresses)
-    instead of compiling again (about 20-60 s a run)."""
-    key = (json.dumps(dict(model.config), sort_keys=True, default=str), loss_fn.tables["log_betas"].numpy().tobytes(),
-           str(device), mode)  # fmt: skip
-    if key not in _compiled_modules:
-        _compiled_modules[key] = (model, compile_model(ModelWithLoss(model, loss_fn, device), mode))
-        return _compiled_modules[key]
-    cached_model, model_with_loss = _compiled_modules[key]
-    cached_model.load_state_dict(model.state_dict())
-    cached_model.zero_grad(set_to_none=True)
-    return cached_model, model_with_loss
-
-
-def train_one(preset: str, seed: int, config: ComparisonConfig, dataset: TrainingDataset, metric, vae=None) -> dict:
-    """Train one preset from seed `seed`'s initialisation and evaluate its EMA at fixed steps."""
-    device = torch.device(config.device)
-    channels, size, _ = dataset.sample_shape
-    model = create_dit(
-        config.model,
-        seed=seed,
-        sample_size=size,
-        in_channels=channels,
-        num_classes=dataset.num_classes,
-        learn_sigma=config.learn_sigma,
-        num_layers=config.num_layers,
-        hidden_size=config.hidden_size,
-        num_attention_heads=config.num_attention_heads,
-    )
-    disable_internal_label_dropout(model).to(device).train()
-    scheduler = SpeeDiTScheduler.from_preset(preset)
-    loss_fn = DiTLoss(scheduler)
-    model_with_loss = None
-    if config.compile or config.compile_mode is not None:
-        model, model_with_loss = _compiled_training_module(model, loss_fn, device, config.compile_mode)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=device.type == "cuda"
-    )
-    ema = create_ema(model, config.ema_decay)
-    ema.to(device)
-    order = DeterministicOrder(len(dataset), config.batch_size, 1, seed)
-    null_label = null_class_label(model)
-    eval_model = DiTTransformer2DModel.from_config(model.config).to(device).eval()
-    if device.type == "cuda" and isinstance(dataset, ClassConditionalDataset):
-        # small datasets live on the GPU: no host-to-device copy per step
-        dataset.samples, dataset.labels = dataset.samples.to(device), dataset.labels.to(device)
-    use_bf16 = config.mixed_precision == "bf16"
-    torch.backends.cuda.matmul.allow_tf32 = True
-
-    history, start = [], time.perf_counter()
-    since = (0, start)  # (step, time) of the last rate report or evaluation
-    loss_sum, loss_count = torch.zeros((), device=device), 0  # on the device: no sync per step
-    for step in range(1, config.max_steps + 1):
-        batch = dataset.get_batch(
-            order.indices(step - 1, 0), seeded_generator("data", seed, 0, step - 1), device=device
-        )
-        generator = seeded_generator("training", seed, 0, step - 1, device=device)
-        mark_compiled_step(config.compile_mode)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = training_step_loss(
-                model,
-                scheduler,
-                loss_fn,
-                batch["samples"],
-                batch["class_labels"],
-                generator,
-                config.class_dropout_prob,
-                null_label,
-                model_with_loss,
-            )
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.step(model.parameters())
-        loss_sum += out.loss.detach().float()
-        loss_count += 1
-        if step % 100 == 0 and step % config.eval_every:
-            if device.type == "cuda":
-                torch.cuda.synchronize()  # every 100 steps: the rate is the GPU's, not the queue's
-            now = time.perf_counter()
-            rate = (step - since[0]) / (now - since[1])
-            print(f"[{preset} seed {seed}] step {step}: {rate:.1f} steps/s since step {since[0]}", flush=True)
-            since = (step, now)
-        if step % config.eval_every == 0 or step == config.max_steps:
-            eval_start = time.perf_counter()
-            ema.copy_to(eval_model.parameters())
-            images, labels = generate(
-                eval_model, scheduler, dataset.num_classes, config.eval_samples_per_class, config, seed, vae
-            )
-            values = metric(images, labels)
-            values.update(denoising_error_by_region(eval_model, scheduler, dataset, device))
-            loss = (loss_sum / loss_count).item()
-            loss_sum.zero_()
-            loss_count = 0
-            now = time.perf_counter()
-            history.append({"step": step, "train_loss": loss, "seconds": now - start, "eval_seconds": now - eval_start,
-                            **values})  # fmt: skip
-            if config.progress_path:
-                with open(config.progress_path, "a") as f:
-                    f.write(json.dumps({"preset": preset, "seed": seed, **history[-1]}) + "\n")
-            print(
-                f"[{preset} seed {seed}] step {step}: "
-                + ", ".join(f"{k} {v:.4g}" for k, v in history[-1].items() if k != "step"),
-                flush=True,
-            )
-            since = (step, time.perf_counter())
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"{preset} seed {seed}: loss became NaN or inf before step {step}.")
+def run_one(
+    trainer: str, preset: str, seed: int, config: ComparisonConfig, output_dir: str, threads: int | None = None
+) -> dict:
+    """One `train_dit.py` run of the comparison, resumed if an earlier comparison was cut short
+    and skipped if it finished; returns {"preset", "seed", "history"}."""
+    folder = run_dir(output_dir, preset, seed)
+    history = read_history(folder)
+    finished = os.path.isfile(os.path.join(folder, "model_index.json")) and history
+    if not (finished and history[-1]["step"] == config.max_steps):
+        env = {**os.environ, "TQDM_DISABLE": "1"}
+        if config.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        if threads is not None:  # several runs at once: split the cores instead of oversubscribing them
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
+        command = [*config.launcher, trainer, *train_dit_args(config, preset, seed, folder)]
+        print(f"[{preset} seed {seed}] {' '.join(command)}", flush=True)
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{preset} seed {seed}: train_dit.py exited with {done.returncode}: {last}")
+        history = read_history(folder)
+    for record in history:
+        print(f"[{preset} seed {seed}] step {record['step']}: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in record.items() if k != "step"), flush=True)  # fmt: skip
     return {"preset": preset, "seed": seed, "history": history}
 
 
-def _worker(args):
-    preset, seed, config_dict, metric, threads = args
-    # Several workers on one machine: split the cores instead of oversubscribing them.
-    torch.set_num_threads(threads)
-    from threadpoolctl import threadpool_limits
+def collect_progress(output_dir: str) -> str:
+    """Write `progress.jsonl` in `output_dir` from every run folder's evaluations, finished or
+    not (a comparison cut short): the input of `runs_from_progress`."""
+    path = os.path.join(output_dir, "progress.jsonl")
+    runs_root = os.path.join(output_dir, "runs")
+    lines = []
+    for name in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        preset, _, seed = name.rpartition("-seed")
+        for record in read_history(os.path.join(runs_root, name)):
+            lines.append(json.dumps({"preset": preset, "seed": int(seed), **record}) + "\n")
+    with open(path, "w") as f:
+        f.writelines(lines)
+    return path
 
-    with threadpool_limits(threads):
-        config = ComparisonConfig(**config_dict)
-        dataset = load_training_data(config.train_data, config.resolution)
-        return train_one(preset, seed, config, dataset, metric, load_decoder(config, dataset))
 
+def run_comparison(config: ComparisonConfig, trainer: str, output_dir: str, num_workers: int = 1) -> list[dict]:
+    """Every (preset, seed) run, `num_workers` at a time; `progress.jsonl` in `output_dir`
+    collects their evaluations (with preset and seed) as runs finish."""
+    os.makedirs(output_dir, exist_ok=True)
+    progress_path = os.path.join(output_dir, "progress.jsonl")
+    jobs = [(preset, seed) for seed in config.seeds for preset in config.presets]
+    threads = max(1, (os.cpu_count() or 1) // num_workers) if num_workers > 1 else None
+    lock = threading.Lock()
+    open(progress_path, "w").close()
 
-def run_comparison(config: ComparisonConfig, num_workers: int = 1) -> list[dict]:
-    """Every (preset, seed) run, one after the other or `num_workers` at a time.
+    def job(preset_seed: tuple[str, int]) -> dict:
+        run = run_one(trainer, *preset_seed, config, output_dir, threads)
+        with lock, open(progress_path, "a") as f:
+            for record in run["history"]:
+                f.write(json.dumps({"preset": run["preset"], "seed": run["seed"], **record}) + "\n")
+        return run
 
-    The metric (its classifier) is built once and shared, so every run is judged by the same one.
-    """
-    dataset = load_training_data(config.train_data, config.resolution)
-    metric = build_metric(config, dataset)
-    threads = max(1, (os.cpu_count() or 1) // max(1, num_workers))
-    jobs = [(preset, seed, asdict(config), metric, threads) for seed in config.seeds for preset in config.presets]
-    if num_workers <= 1:
-        vae = load_decoder(config, dataset)
-        return [train_one(preset, seed, config, dataset, metric, vae) for preset, seed, *_ in jobs]
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(num_workers) as pool:
-        return pool.map(_worker, jobs, chunksize=1)
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        return list(pool.map(job, jobs))
 
 
 def runs_from_progress(*paths: str) -> list[dict]:

@@ -1,6 +1,8 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
 """Crash-safe training checkpoints: written under a temporary name, renamed when complete, so a
-kill at any point leaves the newest complete checkpoint as `latest`."""
+kill at any point leaves the newest complete checkpoint as `latest`. Each checkpoint holds the
+transformer's raw and EMA weights as diffusers model folders beside accelerate's optimizer, LR
+scheduler and RNG state, and `training_state.json` (step, seed, what sampling it needs)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,14 @@ import os
 import re
 import shutil
 
+import torch
+from diffusers import DiTTransformer2DModel
+
+from ..utils import atomic_write_json
+
 CHECKPOINT_PREFIX = "checkpoint-"
+TRAINING_STATE_FILE = "training_state.json"
+TRAINING_SCHEDULER_FOLDER = "training_scheduler"  # the SpeeDiTScheduler config, in checkpoints and exports
 
 
 def checkpoint_step(path: str) -> int | None:
@@ -26,8 +35,16 @@ def list_checkpoints(checkpoints_dir: str) -> list[str]:
     return [os.path.join(checkpoints_dir, name) for step, name in sorted(f for f in found if f[0] is not None)]
 
 
-def save_checkpoint(accelerator, checkpoints_dir: str, step: int, state: dict, total_limit: int | None) -> str:
-    """Save the accelerate state (model, optimizer, EMA, RNGs) for `step` crash-safely.
+def save_checkpoint(
+    accelerator,
+    checkpoints_dir: str,
+    step: int,
+    state: dict,
+    total_limit: int | None,
+    noise_scheduler=None,
+) -> str:
+    """Save the accelerate state (model, EMA, optimizer, LR scheduler, RNGs), `state` as
+    `training_state.json` and the noise scheduler's config for `step`, crash-safely.
 
     Everything is written to `.tmp-checkpoint-N`, then renamed to `checkpoint-N` (atomic on one
     file system), then old checkpoints beyond `total_limit` are pruned. A kill at any point
@@ -42,10 +59,9 @@ def save_checkpoint(accelerator, checkpoints_dir: str, step: int, state: dict, t
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "training_state.json"), "w") as f:
-            json.dump({"step": step, **state}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+        if noise_scheduler is not None:
+            noise_scheduler.save_pretrained(os.path.join(tmp, TRAINING_SCHEDULER_FOLDER))
+        atomic_write_json(os.path.join(tmp, TRAINING_STATE_FILE), {"step": step, **state})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -69,3 +85,63 @@ def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> 
             f"give 'latest' or a path like {os.path.join(checkpoints_dir, CHECKPOINT_PREFIX + '1000')}."
         )
     return resume_from
+
+
+# --------------------------------------------------------------------------------------------
+# the transformer inside a checkpoint, in diffusers format
+# --------------------------------------------------------------------------------------------
+TRANSFORMER_FOLDER = "transformer"  # the trained (raw) weights
+EMA_FOLDER = "transformer_ema"  # the EMA weights, which samples and exports use
+EMA_STATE_FILE = "ema_state.json"  # beside the EMA weights: decay and update count
+
+
+def save_ema_weights(model: torch.nn.Module, ema, folder: str) -> None:
+    """`model.save_pretrained(folder)` with the EMA weights in place of the model's own, which
+    are put back exactly afterwards; the EMA's decay and update count go to `ema_state.json`."""
+    parameters = list(model.parameters())
+    ema.store(parameters)
+    try:
+        ema.copy_to(parameters)
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        ema.restore(parameters)
+    atomic_write_json(
+        os.path.join(folder, EMA_STATE_FILE), {"decay": ema.decay, "optimization_step": ema.optimization_step}
+    )
+
+
+def load_ema_weights(ema, folder: str) -> None:
+    """Load what `save_ema_weights` wrote into `ema`'s shadow parameters, in place."""
+    loaded = DiTTransformer2DModel.from_pretrained(folder)
+    with torch.no_grad():
+        for shadow, param in zip(ema.shadow_params, loaded.parameters()):
+            shadow.copy_(param)
+    with open(os.path.join(folder, EMA_STATE_FILE)) as f:
+        ema.optimization_step = json.load(f)["optimization_step"]
+
+
+def register_checkpoint_hooks(accelerator, ema=None) -> None:
+    """Make `accelerator.save_state` / `load_state` keep the transformer as diffusers folders:
+    `transformer/` (raw) and `transformer_ema/` (EMA) instead of accelerate's `model.safetensors`
+    and a pickled EMA, so that every checkpoint can be sampled and evaluated as it stands."""
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for model in models:
+                unwrapped = accelerator.unwrap_model(model)
+                unwrapped.save_pretrained(os.path.join(output_dir, TRANSFORMER_FOLDER), safe_serialization=True)
+                if ema is not None:
+                    save_ema_weights(unwrapped, ema, os.path.join(output_dir, EMA_FOLDER))
+        while weights:  # saved above: accelerate writes no model.safetensors
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            loaded = DiTTransformer2DModel.from_pretrained(os.path.join(input_dir, TRANSFORMER_FOLDER))
+            model.load_state_dict(loaded.state_dict())
+        if ema is not None:
+            load_ema_weights(ema, os.path.join(input_dir, EMA_FOLDER))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)

@@ -1,7 +1,10 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
 """The training engine: one SpeeD training step (timesteps and loss weights from the noise
 scheduler, noise, label dropout, the forward pass and DiT's loss, backward, clipping, the
-optimizer and LR steps, EMA), eager or compiled as one graph of model and loss."""
+optimizer and LR steps, EMA), eager or compiled as one graph of model and loss.
+
+`TrainingEngine.step` is the only training step in the project: `train_dit.py` runs it, the
+convergence comparison runs `train_dit.py`, and the throughput benchmark times it."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..losses import DiTLoss
+from ..losses import DiTLoss, TimestepQuartileLoss
 from ..models import drop_labels
 from ..scheduling_speedit import SpeeDiTScheduler
 from ..utils import seeded_generator
@@ -51,7 +54,7 @@ def _forward_and_loss(model, loss_fn: DiTLoss, x_start, x_t, noise, timesteps, w
 
 def training_step_loss(
     model: torch.nn.Module,
-    scheduler: SpeeDiTScheduler,
+    noise_scheduler: SpeeDiTScheduler,
     loss_fn: DiTLoss,
     x_start: torch.Tensor,
     class_labels: torch.Tensor,
@@ -60,15 +63,16 @@ def training_step_loss(
     null_label: int,
     model_with_loss: torch.nn.Module | None = None,
 ) -> TrainingStepOutput:
-    """Loss of one SpeeD training step: timesteps and weights from the scheduler, noise, one
+    """Loss of one SpeeD training step: timesteps and weights from the noise scheduler, noise, one
     label dropout per sample, the forward pass, and DiT's hybrid loss. All randomness comes from
     `generator`, so the step is reproducible. `model_with_loss` (a `ModelWithLoss` of `model` and
     `loss_fn`, compiled or not) computes the forward pass and the loss in their place."""
     device = x_start.device
-    timesteps, weights = scheduler.sample_timesteps(x_start.shape[0], generator=generator, device=device)
+    # SpeeD's one change to DiT: which timesteps a batch trains on, and how much each one's loss counts.
+    timesteps, weights = noise_scheduler.sample_timesteps(x_start.shape[0], generator=generator, device=device)
     noise = torch.randn(x_start.shape, generator=generator, device=generator.device, dtype=x_start.dtype).to(device)
     labels = drop_labels(class_labels, class_dropout_prob, null_label, generator)
-    x_t = scheduler.add_noise(x_start, noise, timesteps)
+    x_t = noise_scheduler.add_noise(x_start, noise, timesteps)
     if model_with_loss is not None:
         loss, mse = model_with_loss(x_start, x_t, noise, timesteps, weights, labels)
         # a CUDA graph's output lives until the next replay: keep a copy
@@ -109,77 +113,126 @@ def mark_compiled_step(mode: str | None) -> None:
         torch.compiler.cudagraph_mark_step_begin()
 
 
-class TimestepQuartileLoss:
-    """Running sums of the per-sample MSE in each quarter of [0, T), kept on the device so that
-    logging them costs no host sync until they are read."""
+class TrainingEngine:
+    """One SpeeD training step on prepared Accelerate objects, and the device-side bookkeeping
+    that logging reads (mean loss, per-quarter MSE, the first non-finite step) without a host sync.
 
-    def __init__(self, num_train_timesteps: int, device: torch.device):
-        self.num_train_timesteps = num_train_timesteps
-        self.sums = torch.zeros(4, device=device, dtype=torch.float64)
-        self.counts = torch.zeros(4, device=device, dtype=torch.float64)
+    `model`, `optimizer` and `lr_scheduler` are as `accelerator.prepare` returned them. With
+    `compile=True` (or a `compile_mode`) the forward pass and DiT's loss run as one compiled graph
+    (`ModelWithLoss`); "reduce-overhead" also captures CUDA graphs. Every random number of a step
+    comes from `seeded_generator("training", seed, process, micro_step)`, so a resumed run repeats
+    an uninterrupted one exactly.
+    """
 
-    def update(self, mse: torch.Tensor, timesteps: torch.Tensor) -> None:
-        quartile = (timesteps * 4 // self.num_train_timesteps).clamp_(0, 3)
-        self.sums.index_add_(0, quartile, mse.to(torch.float64))
-        self.counts.index_add_(0, quartile, torch.ones_like(mse, dtype=torch.float64))
+    def __init__(
+        self,
+        accelerator,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        noise_scheduler: SpeeDiTScheduler,
+        loss_fn: DiTLoss,
+        ema=None,
+        *,
+        class_dropout_prob: float,
+        null_label: int,
+        max_grad_norm: float,
+        seed: int,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
+    ):
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.noise_scheduler = noise_scheduler
+        self.loss_fn = loss_fn
+        self.ema = ema
+        self.class_dropout_prob = class_dropout_prob
+        self.null_label = null_label
+        self.max_grad_norm = max_grad_norm
+        self.seed = seed
+        device = accelerator.device
+        self.quartiles = TimestepQuartileLoss(noise_scheduler.config.num_train_timesteps, device)
+        # running loss sums since the last log line and since the last evaluation, on the device
+        self.loss_sums = {w: torch.zeros((), device=device, dtype=torch.float64) for w in ("log", "evaluation")}
+        self.loss_counts = {"log": 0, "evaluation": 0}
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.model_with_loss: torch.nn.Module | None = None
+        self.compile_mode: str | None = None
+        if compile or compile_mode is not None:
+            self.compile(compile_mode, compile_backend)
 
-    def read_and_reset(self) -> dict[str, float]:
-        values = (self.sums / self.counts.clamp(min=1)).tolist()
-        self.sums.zero_()
-        self.counts.zero_()
-        return {f"loss/mse_t_q{i + 1}": v for i, v in enumerate(values)}
+    def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
+        """Run the forward pass and the loss as one compiled graph from now on."""
+        check_compile_mode(mode, backend)
+        module = ModelWithLoss(self.model, self.loss_fn, self.accelerator.device)
+        self.model_with_loss = compile_model(module, mode, backend)
+        self.compile_mode = mode
 
+    def uncompile(self) -> None:
+        self.model_with_loss, self.compile_mode = None, None
 
-@dataclass
-class TrainerStepState:
-    """Everything one step of `train_dit.py`'s loop reads or updates."""
+    def step(self, x_start: torch.Tensor, class_labels: torch.Tensor, micro_step: int) -> TrainingStepOutput:
+        """One micro-step: SpeeD's timesteps and loss weights, noise, label dropout, forward and
+        DiT's loss under autocast, backward, clipping, AdamW, the LR schedule, EMA (at the
+        gradient-accumulation boundary) and the bookkeeping. No host sync."""
+        accelerator = self.accelerator
+        mark_compiled_step(self.compile_mode)
+        rank = accelerator.process_index
+        generator = seeded_generator("training", self.seed, rank, micro_step, device=x_start.device)
+        with accelerator.accumulate(self.model):
+            with accelerator.autocast():
+                out = training_step_loss(
+                    self.model,
+                    self.noise_scheduler,
+                    self.loss_fn,
+                    x_start,
+                    class_labels,
+                    generator,
+                    self.class_dropout_prob,
+                    self.null_label,
+                    self.model_with_loss,
+                )
+            accelerator.backward(out.loss)
+            if accelerator.sync_gradients and self.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        loss = out.loss.detach()
+        for window in self.loss_sums:
+            self.loss_sums[window] += loss
+            self.loss_counts[window] += 1
+        self.quartiles.update(out.mse, out.timesteps)
+        # the optimizer step this micro-step belongs to (1-based), recorded once, on the device
+        step = micro_step // accelerator.gradient_accumulation_steps + 1
+        bad = ~torch.isfinite(loss) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, step, self.first_bad_step))
+        if self.ema is not None and accelerator.sync_gradients:
+            self.ema.step(accelerator.unwrap_model(self.model).parameters())
+        return out
 
-    model: torch.nn.Module  # as prepared (and compiled) for the forward pass
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    scheduler: SpeeDiTScheduler
-    loss_fn: DiTLoss
-    ema: object | None
-    quartiles: TimestepQuartileLoss
-    loss_sum: torch.Tensor
-    first_bad_step: torch.Tensor
-    class_dropout_prob: float
-    null_label: int
-    max_grad_norm: float
-    seed: int
+    def mean_loss(self, window: str = "log") -> float:
+        """Mean loss over the processes and the micro-steps since this window ("log" or
+        "evaluation") was last read; resets the window. One host sync."""
+        total = self.accelerator.reduce(self.loss_sums[window], reduction="mean").item()
+        mean = total / max(self.loss_counts[window], 1)
+        self.loss_sums[window].zero_()
+        self.loss_counts[window] = 0
+        return mean
 
+    def read_logs(self) -> dict[str, float]:
+        """The log line's numbers: the mean loss since the last log line and this process's
+        per-quarter MSE (`loss/mse_t_q1` .. `q4`); resets both."""
+        return {"loss": self.mean_loss("log"), **self.quartiles.read_and_reset()}
 
-def run_trainer_step(
-    accelerator, state: TrainerStepState, x_start: torch.Tensor, labels: torch.Tensor, micro_step: int, global_step: int
-) -> TrainingStepOutput:
-    """One micro-step of `train_dit.py`'s loop (and of the throughput benchmark): the step's generator,
-    SpeeD timesteps, label dropout and hybrid loss under autocast, backward, clipping, AdamW,
-    LR schedule, the device-side loss and quartile bookkeeping, and the EMA update. No host sync."""
-    generator = seeded_generator("training", state.seed, accelerator.process_index, micro_step, device=x_start.device)
-    with accelerator.accumulate(state.model):
-        with accelerator.autocast():
-            out = training_step_loss(
-                state.model,
-                state.scheduler,
-                state.loss_fn,
-                x_start,
-                labels,
-                generator,
-                state.class_dropout_prob,
-                state.null_label,
+    def check_finite(self) -> None:
+        """Raise if any process's loss became NaN or inf, naming the first such step."""
+        bad = int(self.accelerator.reduce(self.first_bad_step, reduction="max"))  # -1: all finite
+        if bad >= 0:
+            raise FloatingPointError(
+                f"loss became NaN or inf at step {bad}; stopping without saving. "
+                "The last good checkpoint is intact: lower --learning_rate or check the data and resume."
             )
-        accelerator.backward(out.loss)
-        if accelerator.sync_gradients and state.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(state.model.parameters(), state.max_grad_norm)
-        state.optimizer.step()
-        state.lr_scheduler.step()
-        state.optimizer.zero_grad(set_to_none=True)
-    loss_detached = out.loss.detach()
-    state.loss_sum += loss_detached
-    state.quartiles.update(out.mse, out.timesteps)
-    state.first_bad_step.copy_(
-        torch.where(~torch.isfinite(loss_detached) & (state.first_bad_step < 0), global_step + 1, state.first_bad_step)
-    )
-    if state.ema is not None and accelerator.sync_gradients:
-        state.ema.step(accelerator.unwrap_model(state.model).parameters())
-    return out

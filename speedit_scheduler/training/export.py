@@ -1,17 +1,18 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
 """The export of a trained transformer as a diffusers pipeline folder, with the training
-scheduler's config beside it."""
+scheduler's config beside it; and the same pipeline built from any training checkpoint."""
 
 from __future__ import annotations
 
+import json
 import os
 
-from diffusers import DiTPipeline, DiTTransformer2DModel
+import torch
+from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
 from ..pipeline_speedit import SpeeDiTPipeline, training_sampler
 from ..scheduling_speedit import SpeeDiTScheduler
-
-TRAINING_SCHEDULER_FOLDER = "training_scheduler"
+from .checkpoints import EMA_FOLDER, TRAINING_SCHEDULER_FOLDER, TRAINING_STATE_FILE, TRANSFORMER_FOLDER
 
 
 def inference_scheduler(training_scheduler: SpeeDiTScheduler, latent: bool):
@@ -45,3 +46,34 @@ def save_pipeline(pipeline, training_scheduler: SpeeDiTScheduler, output_dir: st
     """Write the pipeline folder and, beside it, the SpeeDiT training-scheduler config."""
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     training_scheduler.save_pretrained(os.path.join(output_dir, TRAINING_SCHEDULER_FOLDER))
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """A `checkpoint-N` folder that train_dit.py wrote (with the transformer in diffusers format)."""
+    return os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)) and os.path.isdir(
+        os.path.join(path, TRANSFORMER_FOLDER)
+    )
+
+
+def read_checkpoint_state(path: str) -> dict:
+    with open(os.path.join(path, TRAINING_STATE_FILE)) as f:
+        return json.load(f)
+
+
+def checkpoint_transformer_folder(path: str, use_ema: bool = True) -> str:
+    """The EMA weights' folder when the checkpoint has one (and `use_ema`), else the raw weights'."""
+    ema = os.path.join(path, EMA_FOLDER)
+    return ema if use_ema and os.path.isdir(ema) else os.path.join(path, TRANSFORMER_FOLDER)
+
+
+def pipeline_from_checkpoint(path: str, use_ema: bool = True, torch_dtype: torch.dtype | None = None, vae=None):
+    """The pipeline a training checkpoint exports: what `train_dit.py` would have written had it
+    stopped at that step (EMA weights unless `use_ema=False`). Latent checkpoints load the VAE
+    their training recorded, unless `vae` is given."""
+    state = read_checkpoint_state(path)
+    folder = checkpoint_transformer_folder(path, use_ema)
+    transformer = DiTTransformer2DModel.from_pretrained(folder, torch_dtype=torch_dtype)
+    training_scheduler = SpeeDiTScheduler.from_pretrained(os.path.join(path, TRAINING_SCHEDULER_FOLDER))
+    if vae is None and state.get("vae"):
+        vae = AutoencoderKL.from_pretrained(state["vae"], torch_dtype=torch_dtype)
+    return build_pipeline(transformer, training_scheduler, state["class_names"], vae=vae)
