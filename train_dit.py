@@ -31,6 +31,7 @@ from speedit_scheduler.data import DeterministicOrder, load_training_data
 from speedit_scheduler.evaluation.along_training import (
     EVALUATION_FILE,
     EVALUATION_METRICS,
+    EvaluationSampling,
     ProgressFile,
     TrainingEvaluator,
     build_metric,
@@ -486,19 +487,16 @@ def build_evaluation(args, accelerator, dataset, noise_scheduler, vae, global_st
             metric = build_metric(kind, dataset, args.reference_batch, args.inception_weights, accelerator.device)
         except ValueError as error:
             raise SystemExit(f"error: {error}")
-        evaluator = TrainingEvaluator(
-            metric,
-            dataset,
-            noise_scheduler,
+        sampling = EvaluationSampling(
             samples_per_class=args.evaluation_samples_per_class,
             sampler=args.evaluation_sampler,
             guidance_scale=args.evaluation_guidance_scale,
             num_inference_steps=args.evaluation_inference_steps,
             seed=args.seed,
-            device=accelerator.device,
             batch_size=args.evaluation_batch_size,
-            vae=vae.to(accelerator.device) if vae is not None else None,
         )
+        decoder = vae.to(accelerator.device) if vae is not None else None
+        evaluator = TrainingEvaluator(metric, dataset, noise_scheduler, sampling, accelerator.device, decoder)
         resumed_step = global_step if resume_path is not None else None
         progress_file = ProgressFile(os.path.join(args.output_dir, EVALUATION_FILE), resumed_step)
     started = time.perf_counter()

@@ -241,7 +241,7 @@ def test_ablation_options_fixed_variance_and_ddim():
 
     from speedit_scheduler import SpeeDiTScheduler
     from speedit_scheduler.data.loading import load_training_data
-    from speedit_scheduler.evaluation.along_training import ClassifierMetric, TrainingEvaluator
+    from speedit_scheduler.evaluation.along_training import ClassifierMetric, EvaluationSampling, TrainingEvaluator
     from speedit_scheduler.models import create_dit
     from speedit_scheduler.pipeline_speedit import training_sampler
 
@@ -261,8 +261,8 @@ def test_ablation_options_fixed_variance_and_ddim():
     dataset = load_training_data("digits", None)
     model = create_dit("S/2", seed=0, sample_size=8, in_channels=1, num_classes=10, learn_sigma=False,
                        num_layers=1, hidden_size=32, num_attention_heads=2)  # fmt: skip
-    evaluator = TrainingEvaluator(ClassifierMetric(dataset), dataset, training, samples_per_class=1, sampler="ddim",
-                                  guidance_scale=1.5, num_inference_steps=3, seed=0, device="cpu")  # fmt: skip
+    sampling = EvaluationSampling(samples_per_class=1, sampler="ddim", guidance_scale=1.5, num_inference_steps=3)
+    evaluator = TrainingEvaluator(ClassifierMetric(dataset), dataset, training, sampling, "cpu")
     values = evaluator(model.eval())
     assert values["frechet_distance"] > 0 and 0 <= values["accuracy"] <= 1
     assert values == evaluator(model), "every evaluation draws the same labels and noise"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -74,44 +75,48 @@ def build_metric(
     raise ValueError(f"--evaluation_metric {metric!r} is not one of {', '.join(EVALUATION_METRICS)}.")
 
 
+@dataclass(frozen=True)
+class EvaluationSampling:
+    """How an evaluation samples: `samples_per_class` samples of every class with the training
+    schedule's `sampler` ("ddpm": ancestral with the learned variance when the model has one, as
+    DiT evaluates; "ddim": deterministic), `batch_size` samples per pipeline call. The samples
+    depend on the batch size (one noise stream, `seeded_generator("evaluation", seed)`, runs
+    through the batches in order)."""
+
+    samples_per_class: int
+    sampler: str = "ddpm"
+    guidance_scale: float = 1.0
+    num_inference_steps: int = 50
+    seed: int = 0
+    batch_size: int = 500
+
+
 @torch.no_grad()
 def generate_samples(
     model,
     noise_scheduler: SpeeDiTScheduler,
     num_classes: int,
-    per_class: int,
-    *,
-    sampler: str,
-    guidance_scale: float,
-    num_inference_steps: int,
-    seed: int,
+    sampling: EvaluationSampling,
     device: torch.device | str,
-    batch_size: int = 500,
     vae=None,
 ) -> tuple[torch.Tensor, list[int]]:
-    """`per_class` samples of every class, in [0, 1], N x C x H x W on the CPU, with the
-    training schedule's `sampler` ("ddpm": ancestral with the learned variance when the model has
-    one, as DiT evaluates; "ddim": deterministic), `batch_size` samples per pipeline call. The
-    samples depend on the batch size (one noise stream runs through the batches in order)."""
+    """The samples of one evaluation, in [0, 1], N x C x H x W on the CPU, and their labels."""
     learned = model.config.out_channels == 2 * model.config.in_channels
-    scheduler = training_sampler(noise_scheduler, sampler, learned_variance=learned, clip_sample=vae is None)
+    scheduler = training_sampler(noise_scheduler, sampling.sampler, learned_variance=learned, clip_sample=vae is None)
     pipeline = SpeeDiTPipeline(transformer=model, scheduler=scheduler, vae=vae).to(device)
     pipeline.set_progress_bar_config(disable=True)
-    labels = [c for c in range(num_classes) for _ in range(per_class)]
-    generator = seeded_generator("evaluation", seed, device=device)  # one stream through every batch
+    labels = [c for c in range(num_classes) for _ in range(sampling.samples_per_class)]
+    generator = seeded_generator("evaluation", sampling.seed, device=device)
     images = []
-    for start in range(0, len(labels), batch_size):
-        images.append(
-            pipeline(
-                class_labels=labels[start : start + batch_size],
-                guidance_scale=guidance_scale,
-                num_inference_steps=num_inference_steps,
-                generator=generator,
-                output_type="pt",
-            )
-            .images.float()
-            .cpu()
+    for start in range(0, len(labels), sampling.batch_size):
+        batch = pipeline(
+            class_labels=labels[start : start + sampling.batch_size],
+            guidance_scale=sampling.guidance_scale,
+            num_inference_steps=sampling.num_inference_steps,
+            generator=generator,
+            output_type="pt",
         )
+        images.append(batch.images.float().cpu())
     return torch.cat(images), labels
 
 
@@ -146,41 +151,20 @@ class TrainingEvaluator:
         metric,
         dataset: TrainingDataset,
         noise_scheduler: SpeeDiTScheduler,
-        *,
-        samples_per_class: int,
-        sampler: str,
-        guidance_scale: float,
-        num_inference_steps: int,
-        seed: int,
+        sampling: EvaluationSampling,
         device: torch.device | str,
-        batch_size: int = 500,
         vae=None,
     ):
         self.metric = metric
-        self.batch_size = batch_size
         self.dataset = dataset
         self.noise_scheduler = noise_scheduler
-        self.samples_per_class = samples_per_class
-        self.sampler = sampler
-        self.guidance_scale = guidance_scale
-        self.num_inference_steps = num_inference_steps
-        self.seed = seed
+        self.sampling = sampling
         self.device = torch.device(device)
         self.vae = vae
 
     def __call__(self, model) -> dict[str, float]:
         images, labels = generate_samples(
-            model,
-            self.noise_scheduler,
-            self.dataset.num_classes,
-            self.samples_per_class,
-            sampler=self.sampler,
-            guidance_scale=self.guidance_scale,
-            num_inference_steps=self.num_inference_steps,
-            seed=self.seed,
-            device=self.device,
-            batch_size=self.batch_size,
-            vae=self.vae,
+            model, self.noise_scheduler, self.dataset.num_classes, self.sampling, self.device, self.vae
         )
         values = self.metric(images, labels)
         values.update(denoising_error_by_region(model, self.noise_scheduler, self.dataset, self.device))
