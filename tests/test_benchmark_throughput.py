@@ -3,11 +3,9 @@
 counts against hand-computed values, one row per sweep configuration, one-line errors. No timing
 assertions."""
 
-import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -33,17 +31,9 @@ def tiny_forward_flops() -> int:
     return 2 * (patch_embed + depth * block + output + (depth + 1) * timestep_mlp)
 
 
-def run_script(*args, timeout=240):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=env)
-
-
 @pytest.fixture(scope="module")
-def script_module():
-    spec = importlib.util.spec_from_file_location("benchmark_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def script_module(load_script):
+    return load_script("benchmark_throughput")
 
 
 def test_flop_count_matches_hand_count_and_dit_paper():
@@ -64,13 +54,20 @@ def test_flop_count_matches_hand_count_and_dit_paper():
     assert xl_counted.train / 1e9 == pytest.approx(711.7, rel=1e-3)
 
 
-def test_single_run_with_overhead_reports_every_field(tmp_path):
+@pytest.mark.usefixtures("fresh_accelerate_state")  # its Accelerator(cpu=True) is this test's own
+def test_single_run_with_overhead_reports_every_field(tmp_path, script_module, monkeypatch, capsys, torch_threads):
+    # In this process (the script's main, reading sys.argv as `python SCRIPT ...` gives it): a single
+    # configuration is measured in the process that parses the flags; the sweep below runs its worker
+    # processes. --threads 1 sets this process's thread count: torch_threads restores it afterwards.
     out = tmp_path / "bench.json"
-    proc = run_script(*TINY, "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "3",
-                      "--overhead", "--profile", "2", "--json", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "images/s" in proc.stdout and "overhead of the trainer step" in proc.stdout
-    assert "profile over 2 trainer steps (CPU operator self time)" in proc.stdout
+    argv = [*TINY, "--batch_size", "4", "--steps", "2", "--warmup", "1", "--repeats", "3",
+            "--overhead", "--profile", "2", "--json", str(out)]  # fmt: skip
+    monkeypatch.setattr(sys, "argv", [SCRIPT, *argv])
+    with torch_threads(1):
+        script_module.main()
+    stdout = capsys.readouterr().out
+    assert "images/s" in stdout and "overhead of the trainer step" in stdout
+    assert "profile over 2 trainer steps (CPU operator self time)" in stdout
     result = json.loads(out.read_text())
     assert "benchmark_throughput.py" in result["command"]
     env = result["environment"]
@@ -161,11 +158,12 @@ def test_profile_counts_each_kernel_once():
     assert kernel_times(cpu_events, cuda=False) == [("aten::addmm", 50.0, 3)]
 
 
-def test_sweep_gives_one_row_per_configuration(tmp_path):
+def test_sweep_gives_one_row_per_configuration(tmp_path, run_script):
     out, table = tmp_path / "sweep.json", tmp_path / "sweep.md"
-    proc = run_script(*TINY, "--sweep", "--batch_size", "2,3", "--gradient_checkpointing", "off,on",
-                      "--steps", "1", "--warmup", "1", "--repeats", "1",
-                      "--json", str(out), "--markdown", str(table))  # fmt: skip
+    proc = run_script("scripts/benchmark_throughput.py",
+                      [*TINY, "--sweep", "--batch_size", "2,3", "--gradient_checkpointing", "off,on",
+                       "--steps", "1", "--warmup", "1", "--repeats", "1", "--json", out, "--markdown", table],
+                      extra_env={"PYTHONUNBUFFERED": "1"}, timeout=240)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["rows"]
     assert sorted((r["batch_size"], r["gradient_checkpointing"]) for r in rows) == [

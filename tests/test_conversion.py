@@ -1,12 +1,9 @@
 """Original DiT / SpeeDiT checkpoints -> diffusers: weight mapping, checkpoint formats, CLI, errors."""
 
 import argparse
-import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -26,7 +23,6 @@ from speedit_scheduler.tools.conversion import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "convert_dit_checkpoint.py")
 HEADS = 4
 
 
@@ -45,32 +41,12 @@ def inputs(n=3, num_classes=10):
     return x, t, y
 
 
-@pytest.fixture(scope="module")
-def script():
-    spec = importlib.util.spec_from_file_location("convert_dit_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
 
 
 @pytest.fixture(scope="module")
-def tiny_vae(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    path = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).save_pretrained(path)
-    return str(path)
+def script(load_script):
+    return load_script("convert_dit_checkpoint")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -233,36 +209,31 @@ def test_ema_vs_raw(tmp_path):
     assert torch.equal(model.state_dict()[key], raw["blocks.1.adaLN_modulation.1.weight"])
 
 
-def test_cli_round_trip(tmp_path, tiny_vae):
+def test_cli_round_trip(tmp_path, tiny_vae_dir, script, capsys):
     from diffusers import DiffusionPipeline, DiTPipeline
 
     from speedit_scheduler import SpeeDiTScheduler
 
     ckpt, out = str(tmp_path / "0400000.pt"), str(tmp_path / "converted")
     _, ema = train_checkpoint(ckpt)
-    result = subprocess.run(
+    # in-process (the script's main): test_cli_error_is_one_line runs the script in its own process
+    script.main(
         [
-            sys.executable,
-            SCRIPT,
             "--checkpoint",
             ckpt,
             "--output_dir",
             out,
             "--vae",
-            tiny_vae,
+            tiny_vae_dir,
             "--num_attention_heads",
             str(HEADS),
             "--speedit",
             "speed",
             "--verify",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        ]
     )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "weights: ema" in result.stdout and "1000 classes" in result.stdout and "| 999 |" in result.stdout
+    stdout = capsys.readouterr().out
+    assert "weights: ema" in stdout and "1000 classes" in stdout and "| 999 |" in stdout
 
     pipe = DiffusionPipeline.from_pretrained(out)  # stock diffusers, nothing from this project
     assert isinstance(pipe, DiTPipeline) and pipe.transformer.config.norm_eps == 1e-6
@@ -292,7 +263,7 @@ def saved_transformer(folder):
     return load_file(os.path.join(folder, "transformer", "diffusion_pytorch_model.safetensors"))
 
 
-def test_cli_dtype_and_raw(tmp_path, tiny_vae, script):
+def test_cli_dtype_and_raw(tmp_path, tiny_vae_dir, script):
     from diffusers import DiTTransformer2DModel
 
     ckpt, out = str(tmp_path / "ckpt.pt"), str(tmp_path / "out")
@@ -304,7 +275,7 @@ def test_cli_dtype_and_raw(tmp_path, tiny_vae, script):
             "--output_dir",
             out,
             "--vae",
-            tiny_vae,
+            tiny_vae_dir,
             "--num_attention_heads",
             "4",
             "--use_raw",
@@ -316,9 +287,9 @@ def test_cli_dtype_and_raw(tmp_path, tiny_vae, script):
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, raw["final_layer.linear.weight"].bfloat16())
     # An existing output folder is refused, then accepted with --overwrite.
     with pytest.raises(ValueError, match="is not empty.*--overwrite"):
-        script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4"])
+        script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae_dir, "--num_attention_heads", "4"])
     script.main(
-        ["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae, "--num_attention_heads", "4", "--overwrite"]
+        ["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae_dir, "--num_attention_heads", "4", "--overwrite"]
     )
     assert saved_transformer(out)["proj_out_2.weight"].dtype == torch.float32
     assert DiTTransformer2DModel.from_pretrained(out, subfolder="transformer").config.num_embeds_ada_norm == 10
@@ -384,15 +355,12 @@ def test_bad_files(tmp_path):
         load_dit_checkpoint(str(ema_only), use_raw=True, num_attention_heads=HEADS)
 
 
-def test_cli_error_is_one_line(tmp_path):
+def test_cli_error_is_one_line(tmp_path, run_script):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "file.txt").write_text("keep me")
-    result = subprocess.run(
-        [sys.executable, SCRIPT, "--checkpoint", str(tmp_path / "x.pt"), "--output_dir", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
+    result = run_script(
+        "scripts/convert_dit_checkpoint.py", ["--checkpoint", tmp_path / "x.pt", "--output_dir", out], cwd=ROOT
     )
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "is not empty" in result.stderr and "--overwrite" in result.stderr

@@ -3,11 +3,10 @@
 and weight keys, the .npz formats, and scripts/evaluate.py end to end with a randomly initialised
 Inception (the real weights are never downloaded in tests)."""
 
-import importlib.util
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,9 +37,6 @@ from speedit_scheduler.evaluation.metrics import (
     precision_recall,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(ROOT, "scripts", "evaluate.py")
-
 
 def random_inception(seed: int = 0) -> InceptionV3FID:
     """Same architecture, random weights scaled so that features depend on the input (PyTorch's
@@ -60,6 +56,19 @@ def save_weights(model: InceptionV3FID, path: str) -> str:
     # the released file holds no num_batches_tracked entries; save it the same way
     torch.save({k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """One random network and its weight file for the whole module (building one costs a second)."""
+    model = random_inception()
+    return model, save_weights(model, str(tmp_path_factory.mktemp("inception") / WEIGHTS_FILE_NAME))
+
+
+@pytest.fixture(scope="module")
+def cli(load_script):
+    """scripts/evaluate.py, imported: its main(argv) is the command line."""
+    return load_script("evaluate")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +167,8 @@ def test_tf1_resize_rule():
     np.testing.assert_allclose(resize_bilinear_tf1(row, (1, 3)).flatten().numpy(), [10.0, 30.0, 40.0], rtol=1e-6)
 
 
-def test_weight_file_layout_loads_strictly(tmp_path):
-    model = random_inception()
+def test_weight_file_layout_loads_strictly(tmp_path, inception):
+    model, weights = inception
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     # the key set of torch-fidelity's converted checkpoint: 94 conv+BN blocks x 5 tensors + fc
     assert len(state) == 94 * 5 + 2
@@ -167,14 +176,15 @@ def test_weight_file_layout_loads_strictly(tmp_path):
     assert state["Mixed_7c.branch3x3dbl_3b.bn.running_var"].shape == (384,)
     assert state["fc.weight"].shape == (1008, 2048) and state["fc.bias"].shape == (1008,)
     assert sum(p.numel() for p in model.parameters()) == 23_850_960
-    loaded = load_inception(save_weights(model, str(tmp_path / WEIGHTS_FILE_NAME)))
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in state.items())
+    loaded = load_inception(weights)
+    loaded_state = loaded.state_dict()  # once: state_dict() builds a new dict of 566 tensors
+    assert all(torch.equal(v, loaded_state[k]) for k, v in state.items())
     torch.save({"fc.weight": state["fc.weight"]}, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match="is not a weights-inception-2015-12-05-6726825d.pth-style state dict"):
         load_inception(str(tmp_path / "partial.pth"))
 
 
-def test_weights_resolution_order_and_offline_message(tmp_path, monkeypatch):
+def test_weights_resolution_order_and_offline_message(tmp_path, monkeypatch, cli):
     monkeypatch.delenv("SPEEDIT_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     old_hub = torch.hub.get_dir()
@@ -188,7 +198,7 @@ def test_weights_resolution_order_and_offline_message(tmp_path, monkeypatch):
         assert "\n" not in message
         # the CLI stops with the same line before reading any image
         with pytest.raises(SystemExit, match="the FID Inception weights"):
-            run_main(["--make_reference", str(tmp_path), "--output", str(tmp_path / "ref.npz")])
+            cli.main(["--make_reference", str(tmp_path), "--output", str(tmp_path / "ref.npz")])
         with pytest.raises(InceptionWeightsNotFoundError, match="--inception_weights=missing.pth is not a file"):
             resolve_inception_weights("missing.pth")
         cached = tmp_path / "hub" / "checkpoints" / WEIGHTS_FILE_NAME
@@ -229,13 +239,6 @@ def test_image_layouts_and_ranges():
 # ----------------------------------------------------------------------------------------------
 
 
-def run_main(argv):
-    spec = importlib.util.spec_from_file_location("speedit_evaluate_script", SCRIPT)
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main(argv)
-
-
 @pytest.mark.parametrize(
     "make, extra, message",
     [
@@ -260,7 +263,7 @@ def run_main(argv):
         (lambda p: open(p, "w").write("text"), [], "is not an .npz archive"),
     ],
 )
-def test_cli_rejects_bad_sample_batches(tmp_path, monkeypatch, make, extra, message):
+def test_cli_rejects_bad_sample_batches(tmp_path, monkeypatch, cli, make, extra, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     reference = str(tmp_path / "ref.npz")
     np.savez(reference, np.zeros((10, 4, 4, 3), np.uint8))
@@ -268,7 +271,7 @@ def test_cli_rejects_bad_sample_batches(tmp_path, monkeypatch, make, extra, mess
     if make is not None:
         make(samples)
     with pytest.raises(SystemExit, match=message):  # all before the weights are even looked up
-        run_main([reference, samples, "--inception_weights", "absent.pth", *extra])
+        cli.main([reference, samples, "--inception_weights", "absent.pth", *extra])
 
 
 @pytest.mark.parametrize(
@@ -285,29 +288,24 @@ def test_cli_rejects_bad_sample_batches(tmp_path, monkeypatch, make, extra, mess
         ),
     ],
 )
-def test_cli_rejects_bad_arguments(argv, message, capsys):
+def test_cli_rejects_bad_arguments(argv, message, capsys, cli):
     with pytest.raises(SystemExit) as error:
-        run_main(argv)
+        cli.main(argv)
     assert message in str(error.value) + capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
-def evaluation_run(tmp_path_factory):
+def evaluation_run(tmp_path_factory, inception, cli, torch_threads):
     """One pass of everything that needs the network (the 299 x 299 resize makes each image cost
-    about half a CPU-second): a reference made by the CLI from a folder, the CLI's evaluation of a
-    grayscale sample batch, and the same through FIDMetric in this process."""
+    about a quarter of a CPU-second): a reference made by the CLI from a folder, the CLI's
+    evaluation of a grayscale sample batch, and the same through FIDMetric. All in this process:
+    the CLI is its main(argv), whose every line of output is a print."""
     tmp = tmp_path_factory.mktemp("evaluate")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CI shares 2 cores: spinning OpenMP workers would only burn CPU time
-    try:
-        return _evaluation_run(tmp)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):  # CI shares 2 cores: spinning OpenMP workers would only burn CPU time
+        return _evaluation_run(tmp, *inception, cli)
 
 
-def _evaluation_run(tmp):
-    model = random_inception()
-    weights = save_weights(model, str(tmp / "random-inception.pth"))
+def _evaluation_run(tmp, model, weights, cli):
     rng = np.random.default_rng(0)
     reference_images = rng.integers(0, 256, (4, 12, 12, 3), dtype=np.uint8)
     reference_images[3:] = reference_images[3:, :, :, :1]  # one grayscale images in the folder
@@ -317,30 +315,28 @@ def _evaluation_run(tmp):
         Image.fromarray(image[..., 0] if i >= 3 else image).save(folder / f"{i:02d}.png")
     sample_images = rng.integers(0, 256, (4, 12, 12), dtype=np.uint8)  # N x H x W grayscale batch
     np.savez(tmp / "samples.npz", sample_images)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     common = ["--inception_weights", weights, "--device", "cpu", "--batch_size", "3"]
-    run_main(
-        ["--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common]
-    )  # in-process: one start less
+    cli.main(["--make_reference", str(folder), "--output", str(tmp / "ref_stats.npz"), *common])
     with np.load(tmp / "ref_stats.npz") as data:
         written = {k: data[k] for k in data.files}
     np.savez(tmp / "ref.npz", written["arr_0"])  # images only: statistics computed by the evaluator
-    evaluated = subprocess.run(
-        [sys.executable, SCRIPT, str(tmp / "ref.npz"), str(tmp / "samples.npz"), *common,
-         "--is_split_size", "4", "--output_json", str(tmp / "metrics.json")],
-        capture_output=True, text=True, env=env,
-    )  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        cli.main([str(tmp / "ref.npz"), str(tmp / "samples.npz"), *common,
+                  "--is_split_size", "4", "--output_json", str(tmp / "metrics.json")])  # fmt: skip
     captured = {}
-    model.Mixed_6d.branch1x1.register_forward_hook(
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(
         lambda module, args, out: captured.setdefault("mixed_6_conv", []).append(out)
     )
-    metric = FIDMetric(str(tmp / "ref.npz"), metrics=InceptionMetrics(model=model, device="cpu", batch_size=4))
-    in_process = metric(torch.from_numpy(sample_images)[:, None].float() / 255)  # floats in [0, 1], one channel
+    try:
+        metric = FIDMetric(str(tmp / "ref.npz"), metrics=InceptionMetrics(model=model, device="cpu", batch_size=4))
+        in_process = metric(torch.from_numpy(sample_images)[:, None].float() / 255)  # floats in [0, 1], one channel
+    finally:
+        hook.remove()
     return {
         "reference_images": reference_images,
         "written": written,
-        "stdout": evaluated.stdout,
+        "stdout": stdout.getvalue(),
         "json": json.loads((tmp / "metrics.json").read_text()),
         "metric": metric,
         "in_process": in_process,

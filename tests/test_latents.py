@@ -1,9 +1,9 @@
 """scripts/extract_latents.py and the latent dataset, with a tiny AutoencoderKL and generated images."""
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,12 +15,18 @@ from speedit_scheduler.data.latents import LatentDataset, write_shard
 from speedit_scheduler.data.loading import load_training_data
 from speedit_scheduler.utils import atomic_write_json, seeded_generator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import extract_latents  # noqa: E402
-
 CLASSES = ["cat", "dog", "fish"]
 MODES = ["RGB", "L", "CMYK", "RGBA", "P"]
+# The extraction runs compared bit for bit (in this process and in a fresh one) run on one thread:
+# convolutions sum in another order on another thread count.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
+
+
+@pytest.fixture(scope="module")
+def extract_latents(load_script):
+    return load_script("extract_latents")
 
 
 @pytest.fixture(scope="module")
@@ -39,23 +45,9 @@ def images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-    from diffusers import AutoencoderKL
-
-    path = tmp_path_factory.mktemp("vae")
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=32,
-    ).save_pretrained(path)
-    return path
+def vae_dir(make_tiny_vae):
+    """4 blocks: latents an eighth of the image side, as the SD VAE (32 px images -> 4x4 latents)."""
+    return make_tiny_vae(num_blocks=4, sample_size=32)
 
 
 def extract_args(images, vae_dir, out, *extra):
@@ -78,38 +70,21 @@ def extract_args(images, vae_dir, out, *extra):
     ]
 
 
-def two_process_launcher():
-    import socket
-
-    with socket.socket() as sock:  # a fresh rendezvous port per launch
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
-        "--main_process_port",
-        str(port),
-    ]
-
-
-def run_extract(args, kill_at=None, launcher=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
-    env.pop("SPEEDIT_TEST_KILL_AT", None)
-    if kill_at:
-        env["SPEEDIT_TEST_KILL_AT"] = kill_at
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "scripts", "extract_latents.py"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def run_extract(extract_latents, args):
+    """scripts/extract_latents.py's main in this process, on one thread; returns what it printed."""
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        extract_latents.main(args)
+    return stdout.getvalue()
 
 
 @pytest.fixture(scope="module")
-def extracted(images, vae_dir, tmp_path_factory):
+def extracted(images, vae_dir, extract_latents, torch_threads, tmp_path_factory):
+    """The reference: one uninterrupted single-process extraction."""
     out = tmp_path_factory.mktemp("latents") / "run"
-    result = run_extract(extract_args(images, vae_dir, out))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return out, result.stdout
+    with torch_threads(1):
+        stdout = run_extract(extract_latents, extract_args(images, vae_dir, out))
+    return out, stdout
 
 
 def reference_crop(path, size):
@@ -163,9 +138,13 @@ def test_extraction_round_trip_labels_class_names_and_bad_files(extracted, image
     assert (decoded_stored - decoded_direct).abs().max() < 1e-4
 
 
-def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted, tmp_path):
+def test_killed_extraction_resumes_to_the_same_output(
+    images, vae_dir, extracted, extract_latents, run_script, tmp_path
+):
     out = tmp_path / "killed"
-    killed = run_extract(extract_args(images, vae_dir, out), kill_at="shard:2")
+    killed = run_script(
+        "scripts/extract_latents.py", extract_args(images, vae_dir, out), kill_at="shard:2", extra_env=ONE_THREAD
+    )
     assert killed.returncode == -9
     assert sorted(n for n in os.listdir(out) if n.startswith("shard-")) == [
         "shard-00000.safetensors",
@@ -173,8 +152,7 @@ def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted
     ]
     with pytest.raises(ValueError, match="incomplete"):
         LatentDataset(str(out))
-    resumed = run_extract(extract_args(images, vae_dir, out))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    run_extract(extract_latents, extract_args(images, vae_dir, out))  # resumes, in this process
     reference, reference_stdout = extracted
     a, b = shard_tensors(reference), shard_tensors(out)
     assert a.keys() == b.keys()
@@ -183,9 +161,9 @@ def test_killed_extraction_resumes_to_the_same_output(images, vae_dir, extracted
     assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
 
 
-def test_two_processes_write_what_one_process_writes(images, vae_dir, extracted, tmp_path):
+def test_two_processes_write_what_one_process_writes(images, vae_dir, extracted, run_script, tmp_path):
     out = tmp_path / "ddp"
-    result = run_extract(extract_args(images, vae_dir, out), launcher=two_process_launcher())
+    result = run_script("scripts/extract_latents.py", extract_args(images, vae_dir, out), processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "by 2 processes" in result.stdout
     reference, _ = extracted
@@ -199,7 +177,7 @@ def test_two_processes_write_what_one_process_writes(images, vae_dir, extracted,
     assert json.loads((out / "manifest.json").read_text()) == json.loads((reference / "manifest.json").read_text())
 
 
-def test_extraction_from_a_datasets_imagefolder(images, vae_dir, tmp_path):
+def test_extraction_from_a_datasets_imagefolder(images, vae_dir, extract_latents, tmp_path):
     out = tmp_path / "hf"
     args = [
         "--dataset_name",
@@ -237,14 +215,16 @@ def test_extraction_from_a_datasets_imagefolder(images, vae_dir, tmp_path):
         (lambda i, v, t: extract_args(i, v, t / "o", "--shard_size", "0"), "positive"),
     ],
 )
-def test_bad_extraction_input_fails_with_one_line(images, vae_dir, tmp_path, make_args, message, capsys):
+def test_bad_extraction_input_fails_with_one_line(
+    images, vae_dir, extract_latents, tmp_path, make_args, message, capsys
+):
     with pytest.raises(SystemExit) as error:
         extract_latents.main(make_args(images, vae_dir, tmp_path))
     text = str(error.value) + capsys.readouterr().err
     assert message in text
 
 
-def test_empty_class_folders_and_a_foreign_output_folder(images, vae_dir, extracted, tmp_path):
+def test_empty_class_folders_and_a_foreign_output_folder(images, vae_dir, extracted, extract_latents, tmp_path):
     os.makedirs(tmp_path / "empty" / "a")
     with pytest.raises(SystemExit, match="no image files"):
         extract_latents.main(["--input_dir", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")])
@@ -340,11 +320,10 @@ def test_latent_folder_checks(tmp_path):
 def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extracted, tmp_path):
     from diffusers import DiffusionPipeline
 
+    import train_dit
+
     out, _ = extracted
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT}
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "train_dit.py"),
+    argv = [
         "--train_data",
         str(out),
         "--model",
@@ -370,8 +349,7 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
         "--output_dir",
         str(tmp_path / "model"),
     ]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_dit.main(train_dit.parse_args(argv))  # in this process: the test is about the data, not the launch
     pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
     assert type(pipe).__name__ == "DiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
     image = pipe(
@@ -380,8 +358,8 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
     assert image.shape == (1, 32, 32, 3)
 
 
-def test_benchmark_data_reports_every_mode(extracted, vae_dir, tmp_path):
-    import benchmark_data
+def test_benchmark_data_reports_every_mode(extracted, vae_dir, load_script, tmp_path):
+    benchmark_data = load_script("benchmark_data")
 
     out, _ = extracted
     report = tmp_path / "data.json"

@@ -12,10 +12,7 @@ from speedit_scheduler.models import (
     drop_labels,
 )
 
-
-def tiny(seed=0, **kwargs):
-    defaults = dict(sample_size=8, in_channels=1, num_classes=10, num_layers=2, hidden_size=32, num_attention_heads=2)
-    return create_dit("S/2", seed=seed, **{**defaults, **kwargs})
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
 
 
 @pytest.mark.parametrize(
@@ -58,8 +55,8 @@ def test_bad_presets_raise():
         dit_config("S/4", sample_size=30)
 
 
-def test_dit_initialisation():
-    model = tiny()
+def test_dit_initialisation(tiny_dit):
+    model = tiny_dit()
     for block in model.transformer_blocks:
         assert torch.all(block.norm1.linear.weight == 0) and torch.all(block.norm1.linear.bias == 0)
         assert torch.all(block.attn1.to_q.bias == 0)
@@ -73,7 +70,7 @@ def test_dit_initialisation():
     x = torch.randn(2, 1, 8, 8)
     out = model(x, timestep=torch.tensor([1, 500]), class_labels=torch.tensor([0, 3])).sample
     assert out.shape == (2, 2, 8, 8) and torch.all(out == 0)  # adaLN-Zero starts at zero
-    assert torch.equal(tiny(seed=0).proj_out_1.weight, model.proj_out_1.weight)
+    assert torch.equal(tiny_dit(seed=0).proj_out_1.weight, model.proj_out_1.weight)
 
 
 def _perturbed(model):
@@ -83,8 +80,8 @@ def _perturbed(model):
     return model
 
 
-def test_label_dropout_happens_once_per_sample():
-    model = _perturbed(tiny()).train()
+def test_label_dropout_happens_once_per_sample(tiny_dit):
+    model = _perturbed(tiny_dit()).train()
     x = torch.randn(64, 1, 8, 8)
     t = torch.full((64,), 300)
     labels = torch.randint(0, 10, (64,))
@@ -115,8 +112,8 @@ def test_drop_labels_statistics():
     assert torch.equal(drop_labels(labels, 0.0, 10), labels)
 
 
-def test_trained_model_behaves_identically_in_stock_diffusers(tmp_path):
-    model = disable_internal_label_dropout(_perturbed(tiny()))
+def test_trained_model_behaves_identically_in_stock_diffusers(tmp_path, tiny_dit):
+    model = disable_internal_label_dropout(_perturbed(tiny_dit()))
     model.save_pretrained(tmp_path)
     loaded = DiTTransformer2DModel.from_pretrained(tmp_path)
     assert loaded.config.norm_eps == 1e-6

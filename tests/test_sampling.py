@@ -2,81 +2,51 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline, DiTTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline, DiTPipeline
 from PIL import Image
 
 import sample_dit
-from speedit_scheduler import SpeeDiTPipeline, dit_config
+from speedit_scheduler import SpeeDiTPipeline
 from speedit_scheduler.data.class_names import resolve_class_labels
 from speedit_scheduler.evaluation.grids import CAPTION_HEIGHT
 from speedit_scheduler.evaluation.mass_sampling import ShardPlan, sample_labels_and_generators
 from speedit_scheduler.pipeline_speedit import dit_respaced_timesteps, use_float64_tables
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PIXEL_NAMES = {0: "zero, nought", 1: "one", 2: "golden retriever", 3: "tabby, tabby cat", 4: "tiger cat"}
 
 
-def tiny_dit(channels: int, size: int, num_classes: int, seed: int = 0) -> DiTTransformer2DModel:
-    """PyTorch's default init (DiT's zero-init would predict 0), outputs scaled to a sane range."""
-    config = dit_config(
-        "S/2",
-        sample_size=size,
-        in_channels=channels,
-        num_classes=num_classes,
-        num_layers=1,
-        hidden_size=32,
-        num_attention_heads=2,
-    )
-    torch.manual_seed(seed)
-    model = DiTTransformer2DModel(**config)
-    with torch.no_grad():
-        model.proj_out_2.weight.mul_(0.2)
-    return model.eval()
+# PyTorch's default init (DiT's zero-init would predict 0), outputs scaled to a sane range; one layer.
+SAMPLER_DIT = dict(init="pytorch", num_layers=1)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only spins
 
 
 @pytest.fixture(scope="module")
-def pixel_dir(tmp_path_factory):
+def pixel_dir(tmp_path_factory, tiny_dit):
     path = tmp_path_factory.mktemp("pixel")
     scheduler = DDPMScheduler(variance_type="learned_range", clip_sample=True, timestep_spacing="linspace")
-    SpeeDiTPipeline(tiny_dit(1, 8, 5), scheduler, id2label=PIXEL_NAMES).save_pretrained(path)
+    model = tiny_dit(in_channels=1, sample_size=8, num_classes=5, **SAMPLER_DIT)
+    SpeeDiTPipeline(model, scheduler, id2label=PIXEL_NAMES).save_pretrained(path)
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def latent_dir(tmp_path_factory):
+def latent_dir(tmp_path_factory, tiny_dit, tiny_vae_dir):
     path = tmp_path_factory.mktemp("latent")
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=8,
-    )
+    vae = AutoencoderKL.from_pretrained(tiny_vae_dir)  # 2 blocks: 4x4 latents are 8x8 images
     scheduler = DDIMScheduler(clip_sample=False, set_alpha_to_one=False)
     id2label = {i: f"class {i}" for i in range(1000)}
     id2label[207] = "golden retriever"
-    pipe = DiTPipeline(transformer=tiny_dit(4, 4, 1000), vae=vae, scheduler=scheduler, id2label=id2label)
+    model = tiny_dit(in_channels=4, sample_size=4, num_classes=1000, **SAMPLER_DIT)
+    pipe = DiTPipeline(transformer=model, vae=vae, scheduler=scheduler, id2label=id2label)
     pipe.register_to_config(id2label={str(k): v for k, v in id2label.items()})
     pipe.save_pretrained(path)
     return str(path)
-
-
-def run_script(args, extra_env=None, launcher=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT, **(extra_env or {})}
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "sample_dit.py"), *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,8 +124,8 @@ def reference_dit_sampler(model, labels, guidance, num_steps, seeds, guidance_ch
 
 @pytest.mark.parametrize("guidance_channels,num_steps", [(3, 250), (None, 21)])
 @torch.no_grad()
-def test_faithful_sampler_equals_reference_loop(guidance_channels, num_steps):
-    model = tiny_dit(4, 4, 10, seed=1)
+def test_faithful_sampler_equals_reference_loop(guidance_channels, num_steps, tiny_dit):
+    model = tiny_dit(in_channels=4, sample_size=4, num_classes=10, seed=1, **SAMPLER_DIT)
     scheduler = DDPMScheduler(variance_type="learned_range", clip_sample=False, timestep_spacing="linspace")
     pipe = SpeeDiTPipeline(model, scheduler)
     pipe.set_progress_bar_config(disable=True)
@@ -227,8 +197,9 @@ def test_name_resolution():
 
 
 def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
+    # in-process (the script's main): the mass-sampling test runs sample_dit.py in its own processes
     grid = tmp_path / "grid.png"
-    out = run_script(
+    sample_dit.main(
         [
             "--model",
             pixel_dir,
@@ -246,7 +217,6 @@ def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
             "2",
         ]
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     # 8x8 images are enlarged 8x to 64 px, one column per label, a caption strip under each
     assert Image.open(grid).size == (3 * 64, 64 + CAPTION_HEIGHT)
     assert sorted(os.listdir(tmp_path / "singles")) == [
@@ -275,7 +245,7 @@ def test_grid_and_singles_by_id_and_name(pixel_dir, latent_dir, tmp_path):
         )
         assert Image.open(tmp_path / f"{scheduler}.png").size == (64, 64 + CAPTION_HEIGHT)
 
-    # latent DiTPipeline folder (in-process: the script's main): faithful and stock DiTPipeline with DDIM
+    # latent DiTPipeline folder: faithful and stock DiTPipeline with DDIM
     for sampler in ("faithful", "diffusers"):
         grid = tmp_path / f"{sampler}.png"
         sample_dit.main(
@@ -354,7 +324,7 @@ def assert_same_samples(a, b):
             assert x[key].dtype == y[key].dtype and np.array_equal(x[key], y[key]), key
 
 
-def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_path):
+def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_path, run_script):
     common = [
         "--model",
         pixel_dir,
@@ -367,38 +337,34 @@ def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_
         "--guidance_scale",
         "2",
     ]
-    sample_dit.main(common + ["--sample_dir", str(tmp_path / "a")])  # in-process: a plain single-process run
-    merged = np.load(tmp_path / "a" / "samples_10.npz")
-    assert merged["arr_0"].dtype == np.uint8 and merged["arr_0"].shape == (10, 8, 8, 3)  # NHWC, exactly N
-    assert merged["arr_1"].shape == (10,) and set(merged["arr_1"].tolist()) <= set(range(5))
+    with ThreadPoolExecutor(1) as pool:
+        # The two-process run shares nothing with the runs of this process: it starts first and runs alongside
+        # them (its processes would otherwise leave a core idle while the single-process runs start up).
+        two_processes = pool.submit(run_script, "sample_dit.py", common + ["--sample_dir", tmp_path / "c"], processes=2)
+        sample_dit.main(common + ["--sample_dir", str(tmp_path / "a")])  # in-process: a plain single-process run
+        merged = np.load(tmp_path / "a" / "samples_10.npz")
+        assert merged["arr_0"].dtype == np.uint8 and merged["arr_0"].shape == (10, 8, 8, 3)  # NHWC, exactly N
+        assert merged["arr_1"].shape == (10,) and set(merged["arr_1"].tolist()) <= set(range(5))
 
-    killed = run_script(common + ["--sample_dir", str(tmp_path / "b")], {"SPEEDIT_TEST_STOP_AFTER_SHARDS": "1"})
-    assert killed.returncode == -9
-    assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz"]
-    assert not (tmp_path / "b" / "samples_10.npz").exists()
-    (tmp_path / "b" / "shards" / "000001.npz.999.tmp").write_bytes(b"half")  # as a kill mid-write leaves
-    first_shard = os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns
-    sample_dit.main(common + ["--sample_dir", str(tmp_path / "b")])  # resumes: shard 0 is kept
-    assert os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns == first_shard  # skipped, not redone
-    assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
-    assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "b" / "samples_10.npz")
+        killed = run_script(
+            "sample_dit.py",
+            common + ["--sample_dir", tmp_path / "b"],
+            extra_env={"SPEEDIT_TEST_STOP_AFTER_SHARDS": "1"},
+        )
+        assert killed.returncode == -9
+        assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz"]
+        assert not (tmp_path / "b" / "samples_10.npz").exists()
+        (tmp_path / "b" / "shards" / "000001.npz.999.tmp").write_bytes(b"half")  # as a kill mid-write leaves
+        first_shard = os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns
+        sample_dit.main(common + ["--sample_dir", str(tmp_path / "b")])  # resumes: shard 0 is kept
+        assert os.stat(tmp_path / "b" / "shards" / "000000.npz").st_mtime_ns == first_shard  # skipped, not redone
+        assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
+        assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "b" / "samples_10.npz")
 
-    with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale\)"):
-        sample_dit.main(common[:-1] + ["3", "--sample_dir", str(tmp_path / "b")])
+        with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale\)"):
+            sample_dit.main(common[:-1] + ["3", "--sample_dir", str(tmp_path / "b")])
 
-    with socket.socket() as sock:  # a fresh rendezvous port
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
-        "--main_process_port",
-        str(port),
-    ]
-    two = run_script(common + ["--sample_dir", str(tmp_path / "c")], launcher=launcher)
+        two = two_processes.result()
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "c" / "samples_10.npz")
     assert json.loads((tmp_path / "c" / "sampling_settings.json").read_text())["num_samples"] == 10

@@ -350,7 +350,7 @@ class TrainingBenchmark:
             base = create_dit(normalize_preset(config.model), seed=config.seed, **config.dit_kwargs())
         disable_internal_label_dropout(base)
         self.base_model = base
-        self.scheduler = SpeeDiTScheduler.from_preset(config.speedit)
+        self.noise_scheduler = SpeeDiTScheduler.from_preset(config.speedit)
         fused = self.device.type == "cuda" if config.fused_adamw is None else config.fused_adamw
         self.fused_adamw = fused
         optimizer = torch.optim.AdamW(base.parameters(), lr=config.learning_rate, weight_decay=0.0, fused=fused)
@@ -365,8 +365,8 @@ class TrainingBenchmark:
             model,
             optimizer,
             lr_scheduler,
-            self.scheduler,
-            DiTLoss(self.scheduler),
+            self.noise_scheduler,
+            DiTLoss(self.noise_scheduler),
             ema,
             class_dropout_prob=config.class_dropout_prob,
             null_label=null_class_label(base),
@@ -392,7 +392,9 @@ class TrainingBenchmark:
         self.batch_size = batch_size
         self.x_start = torch.randn(shape, generator=g).to(self.device)
         self.labels = torch.randint(0, self.config.num_classes, (batch_size,), generator=g).to(self.device)
-        self.bare_timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        self.bare_timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g
+        )
         self.bare_timesteps = self.bare_timesteps.to(self.device)
         self.bare_x_t = torch.randn(shape, generator=g).to(self.device)
         out_shape = (batch_size, self.model_config["out_channels"], size, size)
