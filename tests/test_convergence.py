@@ -1,7 +1,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -71,11 +70,9 @@ def test_progress_files_of_separate_sessions_merge_and_cut_runs_are_left_out(tmp
     assert uniform_1["history"][2]["frechet_distance"] == 90.0 / 3000
 
 
-def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path):
+def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path, run_script):
     out = tmp_path / "conv"
     cmd = [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "compare_convergence.py"),
         "--presets",
         "uniform",
         "speed",
@@ -100,8 +97,8 @@ def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path):
         "--output_dir",
         str(out),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    one_thread = {"OMP_NUM_THREADS": "1"}  # tiny models: faster on one thread
+    result = run_script("scripts/compare_convergence.py", cmd, extra_env=one_thread)
     assert result.returncode == 0, result.stderr[-2000:]
     for name in ("results.json", "table.md", "convergence.png", "progress.jsonl"):
         assert (out / name).is_file(), name
@@ -123,12 +120,12 @@ def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path):
     # A comparison run is a train_dit.py run: the same training settings typed by hand, without
     # any evaluation, give the very same weights, raw and EMA, bit for bit.
     direct = tmp_path / "direct"
-    train = [sys.executable, os.path.join(ROOT, "train_dit.py"), "--train_data", "digits", "--speedit", "speed",
+    train = ["--train_data", "digits", "--speedit", "speed",
              "--seed", "0", "--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2",
              "--train_batch_size", "8", "--learning_rate", "1e-3", "--ema_decay", "0.99", "--max_train_steps", "6",
              "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--report_to", "none",
              "--output_dir", str(direct)]  # fmt: skip
-    result = subprocess.run(train, capture_output=True, text=True, timeout=600, env=env)
+    result = run_script("train_dit.py", train, extra_env=one_thread)
     assert result.returncode == 0, result.stderr[-2000:]
     compared = out / "runs" / "speed-seed0"
     for weights in ("checkpoints/checkpoint-6/transformer", "checkpoints/checkpoint-6/transformer_ema", "transformer"):
@@ -139,97 +136,9 @@ def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path):
     assert not all(torch.equal(uniform[k], b[k]) for k in b), "the presets trained differently"
 
     # A second call finds every run finished and only rebuilds the report.
-    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    again = run_script("scripts/compare_convergence.py", cmd, extra_env=one_thread)
     assert again.returncode == 0 and "train_dit.py" not in again.stdout, again.stdout[-2000:]
     assert json.loads((out / "results.json").read_text())["runs"] == data["runs"]
-
-
-def test_comparison_on_a_latents_folder_with_the_fid_metric(tmp_path):
-    """The ImageNet route on a tiny scale: a latents folder, its VAE decoding the samples, and
-    FID & co. from a (randomly initialised) Inception network against a reference batch."""
-    import torch
-    from diffusers import AutoencoderKL
-    from test_evaluate import random_inception, save_weights
-    from test_latents import synthetic_latents
-
-    torch.manual_seed(0)
-    AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    ).save_pretrained(tmp_path / "vae")
-    synthetic_latents(tmp_path / "latents", n=40)
-    manifest = json.loads((tmp_path / "latents" / "manifest.json").read_text())
-    manifest["vae"]["name_or_path"] = str(tmp_path / "vae")
-    (tmp_path / "latents" / "manifest.json").write_text(json.dumps(manifest))
-    weights = save_weights(random_inception(), str(tmp_path / "inception.pth"))
-    reference = np.random.default_rng(0).integers(0, 256, (12, 16, 16, 3), dtype=np.uint8)
-    np.savez(tmp_path / "ref.npz", arr_0=reference)
-
-    out = tmp_path / "conv"
-    cmd = [
-        sys.executable,
-        os.path.join(ROOT, "scripts", "compare_convergence.py"),
-        "--presets",
-        "uniform",
-        "speed",
-        "--seeds",
-        "0",
-        "--max_steps",
-        "2",
-        "--eval_every",
-        "2",
-        "--eval_samples_per_class",
-        "1",
-        "--eval_inference_steps",
-        "2",
-        "--num_layers",
-        "1",
-        "--hidden_size",
-        "32",
-        "--num_attention_heads",
-        "2",
-        "--batch_size",
-        "4",
-        "--train_data",
-        str(tmp_path / "latents"),
-        "--metric",
-        "fid",
-        "--reference_batch",
-        str(tmp_path / "ref.npz"),
-        "--inception_weights",
-        weights,
-        "--output_dir",
-        str(out),
-    ]
-    result = subprocess.run(
-        cmd,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    data = json.loads((out / "results.json").read_text())
-    for run in data["runs"]:
-        (h,) = run["history"]
-        assert h["step"] == 2 and h["fid"] > 0 and h["sfid"] > 0 and h["is"] >= 1
-        assert 0 <= h["precision"] <= 1 and 0 <= h["recall"] <= 1
-    assert "fid (mean ± std)" in (out / "table.md").read_text()
-
-    bad = subprocess.run(
-        cmd[: cmd.index("--metric")] + ["--output_dir", str(out)],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert bad.returncode == 2 and "use --metric fid --reference_batch" in bad.stderr
 
 
 def test_ablation_options_fixed_variance_and_ddim():
@@ -339,12 +248,11 @@ def test_the_published_mnist32_report_is_what_its_progress_files_give():
     assert results["config"]["max_steps"] == 10000 and results["config"]["seeds"] == [0, 1]
 
 
-def test_imagenet_reproduction_command_dry_runs_on_tiny_settings(tmp_path):
-    """scripts/reproduce_imagenet.sh end to end on the CPU: class folders of images -> latents
-    (a tiny VAE) -> uniform and speed train_dit.py runs evaluated with FID & co. (a random
-    Inception) -> table and plot; a second call finds everything done."""
-    import torch
-    from diffusers import AutoencoderKL
+def test_imagenet_reproduction_command_dry_runs_on_tiny_settings(tmp_path, tiny_vae_dir, run_script):
+    """scripts/reproduce_imagenet.sh end to end on the CPU, the ImageNet route on a tiny scale:
+    class folders of images -> a latents folder (a tiny VAE) -> uniform and speed train_dit.py
+    runs whose samples the VAE decodes and FID & co. judge (a random Inception, against a
+    reference batch) -> table and plot; a second call finds everything done."""
     from PIL import Image
     from test_evaluate import random_inception, save_weights
 
@@ -355,34 +263,33 @@ def test_imagenet_reproduction_command_dry_runs_on_tiny_settings(tmp_path):
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
                 tmp_path / "imagenet" / c / f"{i}.png"
             )
-    torch.manual_seed(0)
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), latent_channels=4,
-                  norm_num_groups=4, layers_per_block=1, sample_size=16).save_pretrained(tmp_path / "vae")  # fmt: skip
     weights = save_weights(random_inception(), str(tmp_path / "inception.pth"))
     np.savez(tmp_path / "ref.npz", arr_0=rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8))
     out = tmp_path / "out"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
-           "SPEEDIT_OUT": str(out), "SPEEDIT_LAUNCH": sys.executable, "SPEEDIT_VAE": str(tmp_path / "vae"),
+    env = {"OMP_NUM_THREADS": "1", "PYTHON": sys.executable,
+           "SPEEDIT_OUT": str(out), "SPEEDIT_LAUNCH": sys.executable, "SPEEDIT_VAE": tiny_vae_dir,
            "SPEEDIT_RESOLUTION": "16", "SPEEDIT_MODEL": "S/2",
            "SPEEDIT_MODEL_SIZE": "--num_layers 1 --hidden_size 32 --num_attention_heads 2", "SPEEDIT_BATCH_SIZE": "4",
            "SPEEDIT_MAX_STEPS": "2", "SPEEDIT_EVAL_EVERY": "2", "SPEEDIT_EVAL_SAMPLES_PER_CLASS": "2",
            "SPEEDIT_EVAL_INFERENCE_STEPS": "2", "SPEEDIT_DEVICE": "cpu", "SPEEDIT_MIXED_PRECISION": "no"}  # fmt: skip
-    command = ["bash", os.path.join(ROOT, "scripts", "reproduce_imagenet.sh"), str(tmp_path / "imagenet"),
-               str(tmp_path / "ref.npz"), weights]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    paths = [tmp_path / "imagenet", tmp_path / "ref.npz", weights]
+    done = run_script("scripts/reproduce_imagenet.sh", paths, extra_env=env, launcher=["bash"])
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = json.loads((out / "latents" / "manifest.json").read_text())
     assert manifest["complete"] and manifest["num_samples"] == 12
     data = json.loads((out / "comparison" / "results.json").read_text())
     assert {(r["preset"], r["seed"]) for r in data["runs"]} == {("uniform", 0), ("speed", 0)}
     for run in data["runs"]:
-        assert [h["step"] for h in run["history"]] == [2]
-        assert all(h["fid"] > 0 and 0 <= h["precision"] <= 1 for h in run["history"])
+        (h,) = run["history"]
+        assert h["step"] == 2 and h["fid"] > 0 and h["sfid"] > 0 and h["is"] >= 1
+        assert 0 <= h["precision"] <= 1 and 0 <= h["recall"] <= 1
     table = (out / "comparison" / "table.md").read_text()
     assert "fid (mean ± std)" in table and "| speed | 2 |" in table
     assert (out / "comparison" / "convergence.png").is_file()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    again = run_script("scripts/reproduce_imagenet.sh", paths, extra_env=env, launcher=["bash"])
     assert again.returncode == 0 and "train_dit.py" not in again.stdout and "extract" not in again.stderr.lower()
-    missing = subprocess.run(command[:2] + [str(tmp_path / "nope"), *command[3:]], capture_output=True, text=True)
+    missing = run_script("scripts/reproduce_imagenet.sh", [tmp_path / "nope", *paths[1:]], launcher=["bash"])
     assert missing.returncode == 2 and "nope does not exist" in missing.stderr
+    latents = ["--train_data", out / "latents", "--output_dir", tmp_path / "bad"]  # no pixels to classify
+    bad = run_script("scripts/compare_convergence.py", latents)
+    assert bad.returncode == 2 and "use --metric fid --reference_batch" in bad.stderr

@@ -14,6 +14,8 @@ from speedit_scheduler.training.ema import create_ema
 from speedit_scheduler.training.engine import TrainingEngine
 from speedit_scheduler.utils import seeded_generator
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
+
 
 def train(steps: int, compile: bool, preset: str = "speed", grad_accumulation: int = 1):
     """A tiny DiT trained by the engine on digits, as train_dit.py's loop drives it."""

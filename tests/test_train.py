@@ -2,9 +2,6 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +15,8 @@ from speedit_scheduler.training.checkpoints import list_checkpoints, resolve_res
 from speedit_scheduler.training.ema import LerpEMAModel, create_ema
 from speedit_scheduler.utils import seeded_generator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is faster
+
 TINY = [
     "--train_data",
     "digits",
@@ -47,18 +45,6 @@ TINY = [
 ]
 
 
-def env(**extra):
-    e = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONPATH": ROOT, **extra}
-    e.pop("SPEEDIT_TEST_KILL_AT", None)
-    e.update(extra)
-    return e
-
-
-def run_script(args, extra_env=None, launcher=None):
-    cmd = (launcher or [sys.executable]) + [os.path.join(ROOT, "train_dit.py"), *args]
-    return subprocess.run(cmd, env=env(**(extra_env or {})), capture_output=True, text=True, timeout=600)
-
-
 def checkpoint_tensors(path):
     """Every tensor a checkpoint holds: the raw and EMA transformers (diffusers folders), the
     optimizer state and the EMA's update count."""
@@ -81,21 +67,27 @@ def assert_bitwise_equal(a, b):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_kill_9_and_resume_is_bitwise_identical(tmp_path):
+def test_kill_9_and_resume_is_bitwise_identical(tmp_path, run_script):
     evaluation = ["--evaluation_steps", "3", "--evaluation_samples_per_class", "1", "--evaluation_inference_steps", "2"]
     common = TINY + ["--max_train_steps", "6", "--checkpointing_steps", "2"] + evaluation
-    straight = run_script(common + ["--output_dir", str(tmp_path / "a")])
+    one_thread = {"OMP_NUM_THREADS": "1"}  # tiny models: faster on one thread
+    straight = run_script("train_dit.py", common + ["--output_dir", str(tmp_path / "a")], extra_env=one_thread)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     out_b = str(tmp_path / "b")
     killed = run_script(
-        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2"], {"SPEEDIT_TEST_KILL_AT": "step:5"}
+        "train_dit.py",
+        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2"],
+        kill_at="step:5",
+        extra_env=one_thread,
     )
     assert killed.returncode == -9
     names = sorted(os.listdir(os.path.join(out_b, "checkpoints")))
     assert names == ["checkpoint-2", "checkpoint-4"]
     resumed = run_script(
-        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"]
+        "train_dit.py",
+        common + ["--output_dir", out_b, "--checkpoints_total_limit", "2", "--resume_from_checkpoint", "latest"],
+        extra_env=one_thread,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming from" in resumed.stdout + resumed.stderr
@@ -211,28 +203,17 @@ def test_processes_get_disjoint_samples_and_different_timesteps():
     assert not torch.equal(t0, t1) and torch.equal(t0, again)
 
 
-def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
-    def launcher():  # a fresh rendezvous port per launch: the last one may still be in TIME_WAIT
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        return [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            os.path.join(ROOT, "accelerate_configs", "cpu.yaml"),
-            "--main_process_port",
-            str(port),
-        ]
-
+def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path, run_script):
     out = str(tmp_path / "ddp")
     first = run_script(
-        TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out], launcher=launcher()
+        "train_dit.py",
+        TINY + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", out],
+        processes=2,
     )
     assert first.returncode == 0, first.stderr[-3000:]
     assert "global batch 16" in first.stderr + first.stdout
     second = run_script(
+        "train_dit.py",
         TINY
         + [
             "--max_train_steps",
@@ -244,7 +225,7 @@ def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
             "--resume_from_checkpoint",
             "latest",
         ],
-        launcher=launcher(),
+        processes=2,
     )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "checkpoint-4" in second.stdout + second.stderr
@@ -258,28 +239,9 @@ def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path):
     assert images.shape == (2, 8, 8, 1)
 
 
-def _tiny_vae(path):
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 8),
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=16,
-    )
-    vae.save_pretrained(path)
-    return vae
-
-
-def test_latent_export_loads_with_stock_diffusers(tmp_path):
+def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
     from diffusers import DiffusionPipeline, DiTPipeline
 
-    _tiny_vae(tmp_path / "vae")
     rng = np.random.default_rng(0)
     np.savez(
         tmp_path / "latents.npz",
@@ -293,7 +255,7 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path):
             "--train_data",
             str(tmp_path / "latents.npz"),
             "--pretrained_vae_model_name_or_path",
-            str(tmp_path / "vae"),
+            tiny_vae_dir,
             "--model",
             "S/2",
             "--num_layers",
