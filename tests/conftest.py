@@ -32,6 +32,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TQDM_DISABLE", "1")
 sys.path.insert(0, ROOT)
 
+# The flags of the tiny DiT the script tests train (DiT-S/2's layout, 1 block of width 32).
+TINY_DIT_ARGS = ["--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2"]
+
 # Test hooks read by the scripts: set only where a test asks for them, never inherited.
 TEST_HOOKS = ("SPEEDIT_TEST_KILL_AT", "SPEEDIT_TEST_STOP_AFTER_SHARDS")
 

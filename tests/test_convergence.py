@@ -5,6 +5,7 @@ import sys
 
 import numpy as np
 import torch
+from conftest import TINY_DIT_ARGS
 from safetensors.torch import load_file
 
 from speedit_scheduler.tools.convergence import markdown_table, runs_from_progress, speedup_table, steps_to_reach
@@ -86,12 +87,7 @@ def test_comparison_runs_are_train_dit_runs_bit_for_bit(tmp_path, run_script):
         "2",
         "--eval_inference_steps",
         "3",
-        "--num_layers",
-        "1",
-        "--hidden_size",
-        "32",
-        "--num_attention_heads",
-        "2",
+        *TINY_DIT_ARGS[2:],  # the preset is the comparison's default, S/2
         "--batch_size",
         "8",
         "--output_dir",

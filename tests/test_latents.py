@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIT_ARGS
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -326,14 +327,7 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
     argv = [
         "--train_data",
         str(out),
-        "--model",
-        "S/2",
-        "--num_layers",
-        "1",
-        "--hidden_size",
-        "32",
-        "--num_attention_heads",
-        "2",
+        *TINY_DIT_ARGS,
         "--train_batch_size",
         "4",
         "--max_train_steps",

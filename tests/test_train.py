@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_DIT_ARGS
 from safetensors.torch import load_file
 
 import train_dit
@@ -256,14 +257,7 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
             str(tmp_path / "latents.npz"),
             "--pretrained_vae_model_name_or_path",
             tiny_vae_dir,
-            "--model",
-            "S/2",
-            "--num_layers",
-            "1",
-            "--hidden_size",
-            "32",
-            "--num_attention_heads",
-            "2",
+            *TINY_DIT_ARGS,
             "--train_batch_size",
             "4",
             "--max_train_steps",
