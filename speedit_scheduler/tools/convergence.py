@@ -53,7 +53,7 @@ class ComparisonConfig:
     reference_batch: str | None = None  # ADM-format .npz of real images (scripts/evaluate.py --make_reference)
     inception_weights: str | None = None  # torch-fidelity's FID Inception weights file
     vae: str | None = None  # decodes latent data for the metric; default: the latents folder's VAE
-    launcher: list[str] = field(default_factory=lambda: [sys.executable])  # e.g. ["accelerate", "launch"]
+    launcher: list[str] | None = None  # how a run starts, e.g. ["accelerate", "launch"]; None: this Python
 
 
 def train_dit_args(config: ComparisonConfig, preset: str, seed: int, output_dir: str) -> list[str]:
@@ -133,7 +133,7 @@ def run_one(
             env["CUDA_VISIBLE_DEVICES"] = ""
         if threads is not None:  # several runs at once: split the cores instead of oversubscribing them
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
-        command = [*config.launcher, trainer, *train_dit_args(config, preset, seed, folder)]
+        command = [*(config.launcher or [sys.executable]), trainer, *train_dit_args(config, preset, seed, folder)]
         print(f"[{preset} seed {seed}] {' '.join(command)}", flush=True)
         done = subprocess.run(command, env=env, capture_output=True, text=True)
         if done.returncode != 0:
