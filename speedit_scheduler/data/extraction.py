@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from ..utils import atomic_write_json
 from .class_names import imagenet_class_names, imagenet_synsets
@@ -319,7 +320,6 @@ def extract_latents(
     process p encodes the shards k with k % num_processes == p. The manifest is written first
     with `complete: false` and rewritten complete by the main process at the end.
     """
-    from tqdm.auto import tqdm
 
     if dtype not in STORAGE_DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(STORAGE_DTYPES)}.")

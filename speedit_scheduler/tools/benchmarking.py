@@ -26,6 +26,9 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DiTTransformer2DModel
 from diffusers.optimization import get_scheduler
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 from .. import __version__
 from ..losses import DiTLoss
@@ -202,8 +205,6 @@ def count_train_flops(model_config: dict, batch_size: int = 2) -> FlopCount:
     loss, scheduler and optimizer are elementwise. Gradient checkpointing's recomputation is not
     counted (model FLOPs, as utilisation figures use).
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
 
     with torch.device("meta"):
         model = DiTTransformer2DModel(**model_config)
@@ -320,7 +321,6 @@ def environment(device: torch.device) -> dict:
 # the training step
 # --------------------------------------------------------------------------------------------
 def _attention_context(attention: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backends = {
         "math": SDPBackend.MATH,
@@ -584,7 +584,6 @@ def profile_trainer_step(bench: TrainingBenchmark, steps: int = 3, top: int = 20
     """Profile `steps` trainer steps with `torch.profiler`: device time per step by kernel
     category and the top kernels (CUDA), or CPU operator self-time (CPU), against wall time.
     A device busy far less than the wall clock means the step is bound by launches on the host."""
-    from torch.profiler import ProfilerActivity, profile
 
     cuda = bench.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
