@@ -41,6 +41,7 @@ from speedit_scheduler.losses import DiTLoss
 from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
 from speedit_scheduler.pipeline_speedit import training_sampler
 from speedit_scheduler.training.checkpoints import (
+    check_pickled_state,
     checkpoint_step,
     register_checkpoint_hooks,
     resolve_resume_checkpoint,
@@ -374,6 +375,10 @@ def main(args: argparse.Namespace) -> str:
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
+        try:
+            check_pickled_state(resume_path)  # one line naming the file; nothing in it runs
+        except ValueError as error:
+            raise SystemExit(f"error: {error}")
         accelerator.load_state(resume_path)
         global_step = checkpoint_step(resume_path)
     elif args.resume_from_checkpoint == "latest":

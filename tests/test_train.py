@@ -496,3 +496,33 @@ def test_shortened_demo_generates_recognisable_digits(tmp_path):
     accuracy = classifier.accuracy(images, labels)
     print(f"shortened demo: classifier accuracy of samples {accuracy:.3f} (chance 0.1)")
     assert accuracy > 0.5
+
+
+class _PlantedCode:
+    """Unpickled with code allowed, this creates the marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.mark.parametrize("planted", ["optimizer.bin", "scheduler.bin", "random_states_0.pkl"])
+def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(tmp_path, planted, capsys):
+    """Every pickled file a checkpoint holds (the EMA and the transformer are safetensors) is read
+    with weights_only: a planted code-running pickle stops the resume with one line naming it,
+    and its code never runs."""
+    out = tmp_path / "out"
+    train_dit.main(_tiny_args(out, "--max_train_steps", "2"))
+    checkpoint = out / "checkpoints" / "checkpoint-2"
+    marker = tmp_path / "code-ran"
+    torch.save({"state": _PlantedCode(marker)}, checkpoint / planted)
+    with pytest.raises(SystemExit) as stop:
+        train_dit.main(_tiny_args(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message and planted in message and "refused" in message
+    assert not marker.exists()
+    assert not (out / "checkpoints" / "checkpoint-4").exists()
+    torch.load(checkpoint / planted, weights_only=False)  # the plant is real: a plain load runs it
+    assert marker.exists()

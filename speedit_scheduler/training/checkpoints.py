@@ -6,12 +6,15 @@ scheduler and RNG state, and `training_state.json` (step, seed, what sampling it
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import pickle
 import re
 import shutil
 
 import torch
+from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from diffusers import DiTTransformer2DModel
 
 from ..utils import atomic_write_json
@@ -85,6 +88,34 @@ def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> 
             f"give 'latest' or a path like {os.path.join(checkpoints_dir, CHECKPOINT_PREFIX + '1000')}."
         )
     return resume_from
+
+
+# accelerate's pickled files in a checkpoint (optimizer, LR scheduler, RNG states, grad scaler)
+PICKLED_STATE_FILES = ("optimizer*.bin", "scheduler*.bin", "random_states_*.pkl", "scaler.pt", "sampler*.bin")
+
+
+def check_pickled_state(checkpoint: str) -> None:
+    """Refuse a checkpoint whose accelerate state files hold more than tensors and plain data.
+
+    accelerate reads them with `torch.load(weights_only=True)`, which refuses code, but with a
+    traceback that does not name the file; this reads each one the same way first (memory-mapped,
+    so it costs no copy of the optimizer state) and raises a one-line ValueError naming it.
+    Nothing in a refused file runs."""
+    for pattern in PICKLED_STATE_FILES:
+        for path in sorted(glob.glob(os.path.join(checkpoint, pattern))):
+            try:
+                with torch.serialization.safe_globals(TORCH_SAFE_GLOBALS):
+                    torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:
+                raise ValueError(
+                    f"{path} holds more than tensors (a pickle that could run code): refused, nothing in it ran; "
+                    "resume from a checkpoint you trust."
+                ) from None
+            except (RuntimeError, EOFError, OSError) as error:
+                reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+                raise ValueError(
+                    f"{path} is damaged ({reason}): resume from another checkpoint or start anew."
+                ) from None
 
 
 # --------------------------------------------------------------------------------------------
