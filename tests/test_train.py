@@ -526,3 +526,15 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(tmp_path, 
     assert not (out / "checkpoints" / "checkpoint-4").exists()
     torch.load(checkpoint / planted, weights_only=False)  # the plant is real: a plain load runs it
     assert marker.exists()
+
+
+def test_a_truncated_optimizer_state_is_named_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    train_dit.main(_tiny_args(out, "--max_train_steps", "2"))
+    optimizer = out / "checkpoints" / "checkpoint-2" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:1000])
+    with pytest.raises(SystemExit) as stop:
+        train_dit.main(_tiny_args(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
+    message = str(stop.value)
+    assert message.startswith("error: ") and "\n" not in message
+    assert "optimizer.bin is damaged" in message and "resume from another checkpoint" in message
