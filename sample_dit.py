@@ -30,12 +30,12 @@ from speedit_scheduler.data.class_names import resolve_class_labels, short_label
 from speedit_scheduler.evaluation.grids import labelled_grid
 from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8
 from speedit_scheduler.pipeline_speedit import SAMPLERS
-from speedit_scheduler.training.export import (
+from speedit_scheduler.training.checkpoints import (
     checkpoint_transformer_folder,
     is_training_checkpoint,
-    pipeline_from_checkpoint,
     read_checkpoint_state,
 )
+from speedit_scheduler.training.export import pipeline_from_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT's defaults: sample.py guides with 4.0 for pictures, sample_ddp.py with 1.5 for FID-50K.

@@ -9,8 +9,9 @@
 # graphs); if that mode fails before the first evaluation, the script falls back to plain
 # --compile for the time left. Each run is its own process and compiles for itself (inductor's
 # on-disk cache shortens the later ones). Measured rates and session plans: docs/convergence.md.
-# Writes to $OUT (default ./convergence-gpu): runs/PRESET-seedS/ (each run's pipeline, checkpoint
-# and evaluations.jsonl), progress.jsonl, results.json, table.md, convergence.png and log.txt. A
+# Writes to $OUT (default ./convergence-gpu): runs/PRESET-seedS/ (each run's pipeline, checkpoint,
+# evaluations.jsonl and train.log: its training output), progress.jsonl, results.json, table.md,
+# convergence.png and log.txt. A
 # call stopped by its budget resumes the unfinished runs when called again; the report of a cut
 # call is rebuilt from what the runs reached (runs cut short are left out of it), and progress
 # files of several sessions merge with `compare_convergence.py --from_progress A B`.

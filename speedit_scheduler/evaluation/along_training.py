@@ -26,17 +26,15 @@ from ..scheduling_speedit import SpeeDiTScheduler
 from ..utils import atomic_write, seeded_generator
 from .metrics import FIDMetric, ReferenceClassifier
 
-EVALUATION_METRICS = ("classifier", "fid")
 EVALUATION_FILE = "evaluations.jsonl"
+# what each metric records, the first being the one the comparison's speed-ups are read from
 METRIC_KEYS = {"classifier": ["frechet_distance", "accuracy"], "fid": ["fid", "sfid", "is", "precision", "recall"]}
+EVALUATION_METRICS = tuple(METRIC_KEYS)
 
 
 class ClassifierMetric:
     """Frechet distance in the features of a classifier trained on the real images (lower is
     better) and the class accuracy of class-conditional samples."""
-
-    primary = "frechet_distance"
-    keys = METRIC_KEYS["classifier"]
 
     def __init__(self, dataset: TrainingDataset):
         if dataset.latent or not isinstance(dataset, ClassConditionalDataset):
@@ -69,9 +67,7 @@ def build_metric(
                 "--evaluation_metric fid needs --reference_batch REF.npz "
                 "(make one with scripts/evaluate.py --make_reference)."
             )
-        fid = FIDMetric(reference_batch, inception_weights, device=device)
-        fid.keys = METRIC_KEYS["fid"]
-        return fid
+        return FIDMetric(reference_batch, inception_weights, device=device)
     raise ValueError(f"--evaluation_metric {metric!r} is not one of {', '.join(EVALUATION_METRICS)}.")
 
 
@@ -171,6 +167,14 @@ class TrainingEvaluator:
         return values
 
 
+def read_evaluations(path: str) -> list[dict]:
+    """The records of an `evaluations.jsonl` ([] if there is none yet)."""
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 class ProgressFile:
     """`evaluations.jsonl`: one JSON line per evaluation, appended as it is made (a kill loses
     nothing written). A run resumed from the checkpoint of step S keeps the lines of steps <= S,
@@ -180,10 +184,8 @@ class ProgressFile:
     def __init__(self, path: str, resumed_step: int | None):
         self.path = path
         records = []
-        if resumed_step is not None and os.path.isfile(path):
-            with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
-            records = [r for r in records if r["step"] <= resumed_step]
+        if resumed_step is not None:
+            records = [r for r in read_evaluations(path) if r["step"] <= resumed_step]
         text = "".join(json.dumps(r) + "\n" for r in records)
         atomic_write(path, lambda f: f.write(text.encode()))
 
@@ -192,7 +194,3 @@ class ProgressFile:
             f.write(json.dumps(record) + "\n")
             f.flush()
             os.fsync(f.fileno())
-
-    def read(self) -> list[dict]:
-        with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]

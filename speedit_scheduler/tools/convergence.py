@@ -13,13 +13,12 @@ import math
 import os
 import subprocess
 import sys
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ..evaluation.along_training import EVALUATION_FILE
+from ..evaluation.along_training import EVALUATION_FILE, read_evaluations
 
 
 @dataclass
@@ -112,22 +111,19 @@ def run_dir(output_dir: str, preset: str, seed: int) -> str:
 
 
 def read_history(folder: str) -> list[dict]:
-    path = os.path.join(folder, EVALUATION_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_evaluations(os.path.join(folder, EVALUATION_FILE))
 
 
 def run_one(
     trainer: str, preset: str, seed: int, config: ComparisonConfig, output_dir: str, threads: int | None = None
 ) -> dict:
     """One `train_dit.py` run of the comparison, resumed if an earlier comparison was cut short
-    and skipped if it finished; returns {"preset", "seed", "history"}."""
+    and skipped if it finished; its output goes to `train.log` in the run's folder. Returns
+    {"preset", "seed", "history"}."""
     folder = run_dir(output_dir, preset, seed)
     history = read_history(folder)
-    finished = os.path.isfile(os.path.join(folder, "model_index.json")) and history
-    if not (finished and history[-1]["step"] == config.max_steps):
+    finished = os.path.isfile(os.path.join(folder, "model_index.json"))
+    if not (finished and history and history[-1]["step"] == config.max_steps):
         env = {**os.environ, "TQDM_DISABLE": "1"}
         if config.device == "cpu":
             env["CUDA_VISIBLE_DEVICES"] = ""
@@ -135,10 +131,14 @@ def run_one(
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
         command = [*(config.launcher or [sys.executable]), trainer, *train_dit_args(config, preset, seed, folder)]
         print(f"[{preset} seed {seed}] {' '.join(command)}", flush=True)
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        os.makedirs(folder, exist_ok=True)
+        log_path = os.path.join(folder, "train.log")
+        with open(log_path, "a") as log:
+            done = subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
-            last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(f"{preset} seed {seed}: train_dit.py exited with {done.returncode}: {last}")
+            with open(log_path) as log:
+                last = (log.read().strip().splitlines() or ["no output"])[-1]
+            raise RuntimeError(f"{preset} seed {seed}: train_dit.py exited with {done.returncode}: {last} ({log_path})")
         history = read_history(folder)
     for record in history:
         print(f"[{preset} seed {seed}] step {record['step']}: " + ", ".join(
@@ -146,40 +146,36 @@ def run_one(
     return {"preset": preset, "seed": seed, "history": history}
 
 
-def collect_progress(output_dir: str) -> str:
-    """Write `progress.jsonl` in `output_dir` from every run folder's evaluations, finished or
-    not (a comparison cut short): the input of `runs_from_progress`."""
-    path = os.path.join(output_dir, "progress.jsonl")
-    runs_root = os.path.join(output_dir, "runs")
-    lines = []
-    for name in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
-        preset, _, seed = name.rpartition("-seed")
-        for record in read_history(os.path.join(runs_root, name)):
-            lines.append(json.dumps({"preset": preset, "seed": int(seed), **record}) + "\n")
+def write_progress(path: str, runs: list[dict]) -> str:
+    """`progress.jsonl`: every evaluation of `runs`, one line each with its preset and seed (the
+    input of `runs_from_progress`, which also merges files of separate sessions)."""
     with open(path, "w") as f:
-        f.writelines(lines)
+        for run in runs:
+            for record in run["history"]:
+                f.write(json.dumps({"preset": run["preset"], "seed": run["seed"], **record}) + "\n")
     return path
 
 
+def collect_progress(output_dir: str) -> str:
+    """`write_progress` of every run folder in `output_dir`, finished or not (a comparison cut
+    short)."""
+    runs_root = os.path.join(output_dir, "runs")
+    runs = []
+    for name in sorted(os.listdir(runs_root)) if os.path.isdir(runs_root) else []:
+        preset, _, seed = name.rpartition("-seed")
+        runs.append({"preset": preset, "seed": int(seed), "history": read_history(os.path.join(runs_root, name))})
+    return write_progress(os.path.join(output_dir, "progress.jsonl"), runs)
+
+
 def run_comparison(config: ComparisonConfig, trainer: str, output_dir: str, num_workers: int = 1) -> list[dict]:
-    """Every (preset, seed) run, `num_workers` at a time; `progress.jsonl` in `output_dir`
-    collects their evaluations (with preset and seed) as runs finish."""
+    """Every (preset, seed) run, `num_workers` at a time, and their `progress.jsonl`."""
     os.makedirs(output_dir, exist_ok=True)
-    progress_path = os.path.join(output_dir, "progress.jsonl")
     jobs = [(preset, seed) for seed in config.seeds for preset in config.presets]
     threads = max(1, (os.cpu_count() or 1) // num_workers) if num_workers > 1 else None
-    lock = threading.Lock()
-    open(progress_path, "w").close()
-
-    def job(preset_seed: tuple[str, int]) -> dict:
-        run = run_one(trainer, *preset_seed, config, output_dir, threads)
-        with lock, open(progress_path, "a") as f:
-            for record in run["history"]:
-                f.write(json.dumps({"preset": run["preset"], "seed": run["seed"], **record}) + "\n")
-        return run
-
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        return list(pool.map(job, jobs))
+        runs = list(pool.map(lambda job: run_one(trainer, *job, config, output_dir, threads), jobs))
+    write_progress(os.path.join(output_dir, "progress.jsonl"), runs)
+    return runs
 
 
 def runs_from_progress(*paths: str) -> list[dict]:

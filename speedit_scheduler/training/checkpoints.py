@@ -176,3 +176,21 @@ def register_checkpoint_hooks(accelerator, ema=None) -> None:
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def is_training_checkpoint(path: str) -> bool:
+    """A `checkpoint-N` folder that train_dit.py wrote (with the transformer in diffusers format)."""
+    return os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)) and os.path.isdir(
+        os.path.join(path, TRANSFORMER_FOLDER)
+    )
+
+
+def read_checkpoint_state(path: str) -> dict:
+    with open(os.path.join(path, TRAINING_STATE_FILE)) as f:
+        return json.load(f)
+
+
+def checkpoint_transformer_folder(path: str, use_ema: bool = True) -> str:
+    """The EMA weights' folder when the checkpoint has one (and `use_ema`), else the raw weights'."""
+    ema = os.path.join(path, EMA_FOLDER)
+    return ema if use_ema and os.path.isdir(ema) else os.path.join(path, TRANSFORMER_FOLDER)

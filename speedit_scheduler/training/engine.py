@@ -166,7 +166,6 @@ class TrainingEngine:
 
     def compile(self, mode: str | None = None, backend: str = "inductor") -> None:
         """Run the forward pass and the loss as one compiled graph from now on."""
-        check_compile_mode(mode, backend)
         module = ModelWithLoss(self.model, self.loss_fn, self.accelerator.device)
         self.model_with_loss = compile_model(module, mode, backend)
         self.compile_mode = mode

@@ -4,7 +4,6 @@ scheduler's config beside it; and the same pipeline built from any training chec
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
@@ -12,7 +11,7 @@ from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
 from ..pipeline_speedit import SpeeDiTPipeline, training_sampler
 from ..scheduling_speedit import SpeeDiTScheduler
-from .checkpoints import EMA_FOLDER, TRAINING_SCHEDULER_FOLDER, TRAINING_STATE_FILE, TRANSFORMER_FOLDER
+from .checkpoints import TRAINING_SCHEDULER_FOLDER, checkpoint_transformer_folder, read_checkpoint_state
 
 
 def inference_scheduler(training_scheduler: SpeeDiTScheduler, latent: bool):
@@ -46,24 +45,6 @@ def save_pipeline(pipeline, training_scheduler: SpeeDiTScheduler, output_dir: st
     """Write the pipeline folder and, beside it, the SpeeDiT training-scheduler config."""
     pipeline.save_pretrained(output_dir, safe_serialization=True)
     training_scheduler.save_pretrained(os.path.join(output_dir, TRAINING_SCHEDULER_FOLDER))
-
-
-def is_training_checkpoint(path: str) -> bool:
-    """A `checkpoint-N` folder that train_dit.py wrote (with the transformer in diffusers format)."""
-    return os.path.isfile(os.path.join(path, TRAINING_STATE_FILE)) and os.path.isdir(
-        os.path.join(path, TRANSFORMER_FOLDER)
-    )
-
-
-def read_checkpoint_state(path: str) -> dict:
-    with open(os.path.join(path, TRAINING_STATE_FILE)) as f:
-        return json.load(f)
-
-
-def checkpoint_transformer_folder(path: str, use_ema: bool = True) -> str:
-    """The EMA weights' folder when the checkpoint has one (and `use_ema`), else the raw weights'."""
-    ema = os.path.join(path, EMA_FOLDER)
-    return ema if use_ema and os.path.isdir(ema) else os.path.join(path, TRANSFORMER_FOLDER)
 
 
 def pipeline_from_checkpoint(path: str, use_ema: bool = True, torch_dtype: torch.dtype | None = None, vae=None):
