@@ -26,9 +26,18 @@ import time
 
 import torch
 
+from speedit_scheduler.cli import (
+    ArgumentParser,
+    check_device,
+    check_free_space,
+    check_writable_file,
+    check_writable_folder,
+    fail,
+    run_cli,
+)
 from speedit_scheduler.data.class_names import resolve_class_labels, short_label
 from speedit_scheduler.evaluation.grids import labelled_grid
-from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8
+from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8, weights_fingerprint
 from speedit_scheduler.pipeline_speedit import SAMPLERS
 from speedit_scheduler.training.checkpoints import (
     checkpoint_transformer_folder,
@@ -43,7 +52,7 @@ DEFAULT_GUIDANCE = {"grid": 4.0, "mass": 1.5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", "--model", required=True, help="Pipeline folder or Hub id.")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     p.add_argument("--class_labels", nargs="+", default=None, help="Class ids or names (names via id2label).")
@@ -71,10 +80,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="Default: the accelerate process's device (cuda if available).")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     return p.parse_args(argv)
-
-
-def fail(message: str) -> None:
-    raise SystemExit(f"error: {message}")
 
 
 def check_args(args: argparse.Namespace) -> str:
@@ -119,28 +124,54 @@ def check_args(args: argparse.Namespace) -> str:
     return mode
 
 
-def read_metadata(path: str, revision: str | None) -> dict:
-    """model_index.json and the transformer config, without loading any weights."""
+# The parts of a Hub pipeline that sampling reads.
+PIPELINE_PATTERNS = ["model_index.json", "transformer/*", "vae/*", "scheduler/*", "training_scheduler/*"]
+
+
+def locate_model(path: str, revision: str | None) -> tuple[str, str | None]:
+    """The local folder to sample from and, for a Hub id, the commit it resolved to: a Hub model
+    is downloaded once (or found in the cache) at one commit, and everything reads that copy."""
+    if os.path.isdir(path):
+        if revision is not None:
+            fail(f"--revision {revision} applies to Hub ids, but {path!r} is a local folder: drop --revision.")
+        return path, None
+    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+        fail(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder or a Hub id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(path, revision=revision, allow_patterns=PIPELINE_PATTERNS)
+    except Exception as e:  # offline, missing repo, no access: all end here
+        fail(f"cannot fetch {path!r} from the Hub ({type(e).__name__}): check the id, revision, login or network.")
+    return folder, os.path.basename(os.path.normpath(folder))  # snapshots/<commit>
+
+
+def model_files(folder: str) -> list[str]:
+    """The files that decide what a model samples: weights, configs, the scheduler."""
+    if is_training_checkpoint(folder):
+        parts = [checkpoint_transformer_folder(folder), os.path.join(folder, "training_scheduler")]
+        files = [os.path.join(folder, "training_state.json")]
+    else:
+        parts = [os.path.join(folder, name) for name in ("transformer", "vae", "scheduler")]
+        files = [os.path.join(folder, "model_index.json")]
+    for part in parts:
+        for root, _, names in sorted(os.walk(part)):
+            files += [os.path.join(root, name) for name in sorted(names)]
+    return [f for f in files if os.path.isfile(f)]
+
+
+def read_metadata(path: str) -> dict:
+    """model_index.json and the transformer config of a local folder, without loading weights."""
 
     def read(name: str) -> dict:
-        if os.path.isdir(path):
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                fail(f"{path!r} has no {name}: give a diffusers pipeline folder (as train_dit.py writes).")
-        else:
-            if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
-                fail(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder or a Hub id (owner/name).")
-            from huggingface_hub import hf_hub_download
-
-            try:
-                file = hf_hub_download(path, name, revision=revision)
-            except Exception as e:  # offline, missing repo, no access: all end here
-                fail(
-                    f"cannot fetch {name} of {path!r} from the Hub ({type(e).__name__}): "
-                    "check the id, login or network."
-                )
-        with open(file) as f:
-            return json.load(f)
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            fail(f"{path!r} has no {name}: give a diffusers pipeline folder (as train_dit.py writes).")
+        try:
+            with open(file) as f:
+                return json.load(f)
+        except ValueError:
+            fail(f"{file} is not valid JSON: the folder is damaged; export or download it again.")
 
     if os.path.isdir(path) and is_training_checkpoint(path):  # a train_dit.py checkpoint-N folder
         state = read_checkpoint_state(path)
@@ -155,12 +186,19 @@ def read_metadata(path: str, revision: str | None) -> dict:
     return metadata(read("model_index.json"), read("transformer/config.json"))
 
 
+def output_size_per_sample(meta: dict) -> int:
+    """Bytes of one uint8 RGB sample (a shard and the merged file each hold one copy)."""
+    side = meta["sample_size"] * (8 if meta["latent"] else 1)
+    return side * side * 3
+
+
 def metadata(index: dict, transformer: dict) -> dict:
     has_vae = bool(index.get("vae")) and index["vae"][0] is not None
     return {
         "class_name": index.get("_class_name"),
         "id2label": {int(k): v for k, v in (index.get("id2label") or {}).items()},
         "num_classes": transformer["num_embeds_ada_norm"],
+        "sample_size": transformer["sample_size"],
         "in_channels": transformer["in_channels"],
         "learned_variance": transformer.get("out_channels") == 2 * transformer["in_channels"],
         "latent": has_vae,
@@ -184,7 +222,7 @@ def check_model_args(args: argparse.Namespace, meta: dict) -> None:
         fail(f"--guidance_channels {args.guidance_channels} must lie in [1, {meta['in_channels']}] or be 'all'.")
 
 
-def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
+def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device, folder: str):
     """The pipeline to call and the extra keyword arguments of its call."""
     from diffusers import DiffusionPipeline
 
@@ -193,15 +231,11 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
 
     dtype = DTYPES[args.dtype]
     if meta.get("checkpoint"):
-        pipe = pipeline_from_checkpoint(args.pretrained_model_name_or_path, torch_dtype=dtype)
+        pipe = pipeline_from_checkpoint(folder, torch_dtype=dtype)
     elif meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
-        pipe = SpeeDiTPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype
-        )
+        pipe = SpeeDiTPipeline.from_pretrained(folder, torch_dtype=dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(
-            args.pretrained_model_name_or_path, revision=args.revision, torch_dtype=dtype
-        )
+        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
     kwargs = {}
     if args.sampler == "faithful":
         if not isinstance(pipe, SpeeDiTPipeline):
@@ -212,8 +246,7 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device):
             learned_variance=meta["learned_variance"],
             clip_sample=False if meta["latent"] else None,  # DiT: clip_denoised=False for latents
         )
-        channels = args.guidance_channels or ("3" if meta["latent"] and meta["in_channels"] > 3 else "all")
-        kwargs["guidance_channels"] = None if channels == "all" else int(channels)
+        kwargs["guidance_channels"] = guidance_channels(args, meta)
     elif args.scheduler is not None:
         pipe.scheduler = sampling_scheduler(pipe.scheduler.config, args.scheduler, learned_variance=False)
     pipe.set_progress_bar_config(disable=True)
@@ -256,11 +289,15 @@ def sample_pictures(args, meta, labels: list[int], pipe, kwargs) -> None:
         print(f"wrote {args.output}")
 
 
-def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
-    from tqdm.auto import tqdm
+def guidance_channels(args: argparse.Namespace, meta: dict) -> int | None:
+    """The eps channels the faithful sampler guides (None: all): DiT guides 3 of 4 latent channels."""
+    channels = args.guidance_channels or ("3" if meta["latent"] and meta["in_channels"] > 3 else "all")
+    return None if channels == "all" else int(channels)
 
-    from speedit_scheduler.evaluation.mass_sampling import sample_labels_and_generators
 
+def prepare_sample_dir(args: argparse.Namespace, meta: dict, state, folder: str, commit: str | None) -> ShardPlan:
+    """Check the sample folder holds samples of this model and these settings only (or none yet),
+    before the model is loaded; record them; remove what a killed run half-wrote."""
     plan = ShardPlan(args.sample_dir, args.num_samples, args.batch_size)
     # Everything that changes a sample; shards of other settings must not be mixed in.
     settings = {
@@ -278,7 +315,11 @@ def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
             "dtype",
         )
     }
-    settings["guidance_channels"] = kwargs.get("guidance_channels", "all")
+    channels = guidance_channels(args, meta) if args.sampler == "faithful" else None
+    settings["guidance_channels"] = "all" if channels is None else channels
+    # the weights' fingerprint and the Hub commit: one model per folder
+    settings["weights_sha256"] = weights_fingerprint(model_files(folder))
+    settings["revision_resolved"] = commit
     try:
         if state.is_main_process:
             plan.check_settings(settings)
@@ -289,6 +330,14 @@ def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
             plan.check_settings(settings)
     except ValueError as e:
         fail(str(e))
+    return plan
+
+
+def sample_for_fid(args, meta, state, pipe, kwargs, plan: ShardPlan) -> str | None:
+    from tqdm.auto import tqdm
+
+    from speedit_scheduler.evaluation.mass_sampling import sample_labels_and_generators
+
     todo = plan.todo(state.process_index, state.num_processes)
     stop_after = int(os.environ.get("SPEEDIT_TEST_STOP_AFTER_SHARDS", "0"))  # tests: simulate a kill
     total = sum(len(plan.indices(k)) for k in todo)
@@ -317,7 +366,14 @@ def sample_for_fid(args, meta, state, pipe, kwargs) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     mode = check_args(args)
-    meta = read_metadata(args.pretrained_model_name_or_path, args.revision)
+    check_device(args.device)
+    for flag in ("output_dir", "sample_dir"):
+        if getattr(args, flag) is not None:
+            check_writable_folder(getattr(args, flag), f"--{flag}")
+    if args.output is not None:
+        check_writable_file(args.output, "--output")
+    folder, commit = locate_model(args.pretrained_model_name_or_path, args.revision)
+    meta = read_metadata(folder)
     check_model_args(args, meta)
     labels = None
     if mode == "grid":
@@ -333,13 +389,18 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device) if args.device else state.device
     if args.dtype != "float32" and device.type == "cpu":
         print(f"warning: --dtype {args.dtype} on the CPU is slow; float32 is the CPU default.", file=sys.stderr)
-    pipe, kwargs = load_sampler(args, meta, device)
+    plan = None
+    if mode == "mass":
+        plan_bytes = 2 * args.num_samples * output_size_per_sample(meta)  # the shards, then the merged file
+        check_free_space(args.sample_dir, plan_bytes, f"{args.num_samples} samples")
+        plan = prepare_sample_dir(args, meta, state, folder, commit)
+    pipe, kwargs = load_sampler(args, meta, device, folder)
     if mode == "grid":
         if state.is_main_process:
             sample_pictures(args, meta, labels, pipe, kwargs)
     else:
-        sample_for_fid(args, meta, state, pipe, kwargs)
+        sample_for_fid(args, meta, state, pipe, kwargs, plan)
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

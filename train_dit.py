@@ -13,8 +13,10 @@ The batch size is per device: 32 on 8 GPUs is DiT's global batch of 256.
 from __future__ import annotations
 
 import argparse
+import glob
 import logging
 import os
+import shutil
 import sys
 import time
 
@@ -23,10 +25,11 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DiTTransformer2DModel
-from diffusers.optimization import get_scheduler
+from diffusers.optimization import SchedulerType, get_scheduler
 from tqdm.auto import tqdm
 
 from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
+from speedit_scheduler.cli import ArgumentParser, UserError, check_writable_folder, run_cli
 from speedit_scheduler.data import DeterministicOrder, load_training_data
 from speedit_scheduler.evaluation.along_training import (
     EVALUATION_FILE,
@@ -38,22 +41,47 @@ from speedit_scheduler.evaluation.along_training import (
 )
 from speedit_scheduler.evaluation.grids import class_grid
 from speedit_scheduler.losses import DiTLoss
-from speedit_scheduler.models import DIT_PRESETS, create_dit, disable_internal_label_dropout, null_class_label
+from speedit_scheduler.models import (
+    DIT_PRESETS,
+    create_dit,
+    disable_internal_label_dropout,
+    dit_config,
+    null_class_label,
+)
 from speedit_scheduler.pipeline_speedit import training_sampler
 from speedit_scheduler.training.checkpoints import (
-    check_pickled_state,
     checkpoint_step,
+    choose_resume_checkpoint,
+    read_checkpoint_state,
     register_checkpoint_hooks,
-    resolve_resume_checkpoint,
     save_checkpoint,
 )
 from speedit_scheduler.training.ema import create_ema
 from speedit_scheduler.training.engine import COMPILE_MODES, TrainingEngine
 from speedit_scheduler.training.export import build_pipeline, save_pipeline
-from speedit_scheduler.training.hub import push_folder_to_hub, resolve_hub_token, write_model_card
+from speedit_scheduler.training.hub import (
+    BackgroundPusher,
+    check_hub_access,
+    push_folder_to_hub,
+    resolve_hub_token,
+    write_model_card,
+)
+from speedit_scheduler.training.run_config import (
+    NOISE_SCHEDULER_FLAGS,
+    STATE_SHAPING,
+    apply_learning_rate,
+    changed_values,
+    check_resume_config,
+    dataset_fingerprint,
+    extend_segments,
+)
 from speedit_scheduler.utils import seeded_generator
 
 logger = get_logger(__name__)
+
+PUSH_SNAPSHOT_PREFIX = ".hub-push-step-"  # the pipeline at a checkpoint, while it uploads
+LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
+REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 # What `--demo` sets unless given explicitly: a DiT small enough to train on 2 CPU cores in
 # minutes on the 8x8 digits, whose samples a digit classifier recognises.
@@ -78,7 +106,7 @@ DEMO_DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--demo", action="store_true", help="Offline demo on scikit-learn's digits (see DEMO_DEFAULTS).")
     # data
     p.add_argument(
@@ -190,11 +218,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def validate_args(args: argparse.Namespace) -> None:
     """Every bad flag is a one-line error before any model, data or process group is created."""
     if args.train_data is None:
-        raise SystemExit("error: --train_data is required ('digits' or an .npz file), or use --demo.")
+        raise UserError("--train_data is required ('digits' or an .npz file), or use --demo.")
     if args.output_dir is None:
-        raise SystemExit("error: --output_dir is required.")
+        raise UserError("--output_dir is required.")
     if args.model not in DIT_PRESETS:
-        raise SystemExit(f"error: --model {args.model!r} is unknown: choose one of {', '.join(DIT_PRESETS)}.")
+        raise UserError(f"--model {args.model!r} is unknown: choose one of {', '.join(DIT_PRESETS)}.")
     for name in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -209,83 +237,120 @@ def validate_args(args: argparse.Namespace) -> None:
         "evaluation_batch_size",
     ):
         if getattr(args, name) < 1:
-            raise SystemExit(f"error: --{name} {getattr(args, name)} must be at least 1.")
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1.")
+    for name in ("resolution", "num_layers", "hidden_size", "num_attention_heads", "checkpoints_total_limit"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 1 (or left out).")
+    for name in ("lr_warmup_steps", "seed", "dataloader_num_workers"):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} {getattr(args, name)} must be at least 0.")
+    for name in ("adam_weight_decay", "max_grad_norm"):
+        if not getattr(args, name) >= 0:
+            raise UserError(f"--{name} {getattr(args, name)} must be >= 0.")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise UserError(f"--{name} {getattr(args, name)} must lie in [0, 1).")
+    if not args.adam_epsilon > 0:
+        raise UserError(f"--adam_epsilon {args.adam_epsilon} must be positive.")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise UserError(f"--lr_scheduler {args.lr_scheduler!r} is unknown: choose one of {', '.join(LR_SCHEDULERS)}.")
+    if args.lr_warmup_steps > args.max_train_steps:
+        raise UserError(
+            f"--lr_warmup_steps {args.lr_warmup_steps} exceeds --max_train_steps {args.max_train_steps}: "
+            "warm up for fewer steps than the run has."
+        )
+    for flag in ("validation_guidance_scale", "evaluation_guidance_scale"):
+        if not getattr(args, flag) >= 1.0:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be >= 1 (1: no guidance).")
+    if args.report_to not in REPORT_TO:
+        raise UserError(f"--report_to {args.report_to!r} is unknown: choose one of {', '.join(REPORT_TO)}.")
+    if os.path.isabs(args.logging_dir) or ".." in args.logging_dir.split(os.sep):
+        raise UserError(f"--logging_dir {args.logging_dir!r} must be a folder name inside --output_dir, like logs.")
+    try:  # the model's shape, before any data is read (the data's size is checked against it later)
+        patch = int(args.model.split("/")[1])
+        dit_config(args.model, sample_size=patch, num_layers=args.num_layers, hidden_size=args.hidden_size,
+                   num_attention_heads=args.num_attention_heads)  # fmt: skip
+    except ValueError as error:
+        raise UserError(str(error)) from None
     if args.evaluation_steps is not None and args.evaluation_steps < 1:
-        raise SystemExit(f"error: --evaluation_steps {args.evaluation_steps} must be at least 1 (or left out: never).")
-    if args.evaluation_guidance_scale < 1.0:
-        raise SystemExit(f"error: --evaluation_guidance_scale {args.evaluation_guidance_scale} must be >= 1 (1: none).")
+        raise UserError(f"--evaluation_steps {args.evaluation_steps} must be at least 1 (or left out: never).")
     if args.evaluation_steps is not None and args.evaluation_metric == "fid":
         if not args.reference_batch:
-            raise SystemExit(
-                "error: --evaluation_metric fid needs --reference_batch REF.npz "
+            raise UserError(
+                "--evaluation_metric fid needs --reference_batch REF.npz "
                 "(make one with scripts/evaluate.py --make_reference)."
             )
         if not os.path.isfile(args.reference_batch):
-            raise SystemExit(f"error: --reference_batch {args.reference_batch!r} does not exist.")
+            raise UserError(f"--reference_batch {args.reference_batch!r} does not exist.")
     if not 0.0 <= args.class_dropout_prob < 1.0:
-        raise SystemExit(f"error: --class_dropout_prob {args.class_dropout_prob} must lie in [0, 1).")
+        raise UserError(f"--class_dropout_prob {args.class_dropout_prob} must lie in [0, 1).")
     if not 0.0 < args.ema_decay < 1.0:
-        raise SystemExit(f"error: --ema_decay {args.ema_decay} must lie in (0, 1).")
+        raise UserError(f"--ema_decay {args.ema_decay} must lie in (0, 1).")
     if args.learning_rate <= 0:
-        raise SystemExit(f"error: --learning_rate {args.learning_rate} must be positive.")
+        raise UserError(f"--learning_rate {args.learning_rate} must be positive.")
     if args.enable_xformers_memory_efficient_attention and not torch.cuda.is_available():
-        raise SystemExit("error: --enable_xformers_memory_efficient_attention needs a CUDA GPU; drop it on CPU.")
+        raise UserError("--enable_xformers_memory_efficient_attention needs a CUDA GPU; drop it on CPU.")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
-        raise SystemExit("error: --mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
+        raise UserError("--mixed_precision fp16 needs a CUDA GPU; use bf16 or no on CPU.")
     if args.push_checkpoints_to_hub and not args.push_to_hub:
-        raise SystemExit("error: --push_checkpoints_to_hub needs --push_to_hub.")
+        raise UserError("--push_checkpoints_to_hub needs --push_to_hub.")
     if args.push_to_hub:
         if not args.hub_model_id:
-            raise SystemExit("error: --push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-speed).")
+            raise UserError("--push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-speed).")
         try:
             args.hub_token = resolve_hub_token(args.hub_token)
+            check_hub_access(args.hub_model_id, args.hub_token, private=args.hub_private_repo)  # offline, 401: now
         except ValueError as error:
-            raise SystemExit(f"error: {error}")
+            raise UserError(f"{error}")
     try:
-        build_noise_scheduler(args)
+        num_train_timesteps = build_noise_scheduler(args).config.num_train_timesteps
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise UserError(f"{error}")
+    for flag in ("validation_inference_steps", "evaluation_inference_steps"):
+        if getattr(args, flag) > num_train_timesteps:
+            raise UserError(
+                f"--{flag} {getattr(args, flag)} exceeds the {num_train_timesteps} training timesteps: "
+                f"use at most {num_train_timesteps} (DiT samples with 250)."
+            )
     if args.resume_from_checkpoint not in (None, "latest") and checkpoint_step(args.resume_from_checkpoint) is None:
-        raise SystemExit(
-            f"error: --resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder: "
+        raise UserError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint!r} is not a checkpoint folder: "
             "give 'latest' or a path ending in checkpoint-<step>."
         )
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        probe = os.path.join(args.output_dir, ".write-test")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except OSError as error:
-        raise SystemExit(f"error: --output_dir {args.output_dir!r} is not writable ({error.strerror}).")
+    check_writable_folder(args.output_dir, "--output_dir")
 
 
 def build_noise_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
-    overrides = {
-        key: getattr(args, key)
-        for key in (
-            "timestep_sampling",
-            "loss_weighting",
-            "speed_k",
-            "speed_tau",
-            "speed_lambda",
-            "min_snr_gamma",
-            "p2_k",
-            "p2_gamma",
-        )
-        if getattr(args, key) is not None
-    }
+    overrides = {key: getattr(args, key) for key in NOISE_SCHEDULER_FLAGS if getattr(args, key) is not None}
     if args.dual_sampling is not None:
         overrides["dual_sampling"] = args.dual_sampling == "on"
     return SpeeDiTScheduler.from_preset(args.speedit, **overrides)
 
 
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict:
-    skip = {"hub_token", "demo"}
+    """The run's configuration as recorded in checkpoints, trackers and the model card: every
+    flag given or defaulted (never the token, never a local path of this machine's output)."""
+    skip = {"hub_token", "demo", "output_dir", "resume_from_checkpoint"}
     config = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
+    config["mixed_precision"] = accelerator.mixed_precision
     config["num_processes"] = accelerator.num_processes
     config["global_batch_size"] = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     return config
+
+
+def check_resume(args: argparse.Namespace, config: dict, resume_path: str, recorded: dict) -> dict[str, list]:
+    """Refuse a resume whose flags would change the saved state; return the changes it applies."""
+    step = recorded["step"]
+    if args.max_train_steps < step:
+        raise UserError(
+            f"--max_train_steps {args.max_train_steps} is below the step of {resume_path} ({step}): "
+            f"give at least {step}, or resume from an earlier checkpoint."
+        )
+    try:
+        check_resume_config(recorded["config"], config, resume_path, [k for k in STATE_SHAPING if k != "data"])
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    return changed_values(recorded["config"], config)
 
 
 def main(args: argparse.Namespace) -> str:
@@ -301,8 +366,8 @@ def main(args: argparse.Namespace) -> str:
         ),
     )
     if args.use_ema and accelerator.distributed_type == DistributedType.FSDP:
-        raise SystemExit(
-            "error: --use_ema with FSDP would average parameter shards; use DDP or DeepSpeed ZeRO-2 "
+        raise UserError(
+            "--use_ema with FSDP would average parameter shards; use DDP or DeepSpeed ZeRO-2 "
             "(accelerate_configs/multi_gpu_8.yaml, deepspeed_zero2.yaml) or pass --no-use_ema."
         )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -312,21 +377,40 @@ def main(args: argparse.Namespace) -> str:
     set_seed(args.seed)
     device = accelerator.device
 
+    # Resume: the checkpoint is verified (every file's checksum) and the flags compared with the
+    # ones it was trained with, before any data or model is built.
+    try:
+        resume_path = choose_resume_checkpoint(accelerator, args.resume_from_checkpoint, checkpoints_dir)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    config = training_config(args, accelerator)
+    recorded = read_checkpoint_state(resume_path) if resume_path is not None else None
+    changes = check_resume(args, config, resume_path, recorded) if recorded is not None else {}
+
     # Data and model: every check that can fail does so before training starts.
-    dataset = load_training_data(args.train_data, args.resolution)
-    channels, size, _ = dataset.sample_shape
-    model = create_dit(
-        args.model,
-        seed=args.seed,
-        sample_size=size,
-        in_channels=channels,
-        num_classes=dataset.num_classes,
-        learn_sigma=args.learn_sigma,
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads,
-    )
-    dataset.check_model_fits(model.config.sample_size, model.config.in_channels, model.config.num_embeds_ada_norm)
+    try:
+        dataset = load_training_data(args.train_data, args.resolution)
+        channels, size, _ = dataset.sample_shape
+        model = create_dit(
+            args.model,
+            seed=args.seed,
+            sample_size=size,
+            in_channels=channels,
+            num_classes=dataset.num_classes,
+            learn_sigma=args.learn_sigma,
+            num_layers=args.num_layers,
+            hidden_size=args.hidden_size,
+            num_attention_heads=args.num_attention_heads,
+        )
+        dataset.check_model_fits(model.config.sample_size, model.config.in_channels, model.config.num_embeds_ada_norm)
+    except ValueError as error:  # the data and the model: one line naming the file or value
+        raise UserError(str(error)) from None
+    config["data"] = dataset_fingerprint(dataset)
+    if recorded is not None:
+        try:
+            check_resume_config(recorded["config"], config, resume_path, keys=("data",))
+        except ValueError as error:
+            raise UserError(str(error)) from None
     disable_internal_label_dropout(model)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -372,26 +456,38 @@ def main(args: argparse.Namespace) -> str:
     )
 
     global_step = 0
-    resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, checkpoints_dir)
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        try:
-            check_pickled_state(resume_path)  # one line naming the file; nothing in it runs
-        except ValueError as error:
-            raise SystemExit(f"error: {error}")
-        accelerator.load_state(resume_path)
-        global_step = checkpoint_step(resume_path)
+        accelerator.load_state(resume_path)  # verified and checked for code-running pickles above
+        global_step = recorded["step"]
+        apply_learning_rate(optimizer, lr_scheduler, args.learning_rate)  # the checkpoint's rate gives way
+        for key, (old, new) in changes.items():
+            logger.info(f"resumed with --{key} {new} (was {old}) from step {global_step}")
     elif args.resume_from_checkpoint == "latest":
         accelerator.print("No checkpoint to resume from: starting a new run.")
+    segments = extend_segments(recorded.get("segments") if recorded else None, config, global_step)
     evaluate = build_evaluation(args, accelerator, dataset, noise_scheduler, vae, global_step, resume_path)
 
-    config = training_config(args, accelerator)
     if accelerator.is_main_process:
-        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in config.items()})
+        tracker_config = {**config, "segment_from_step": segments[-1]["from_step"]}
+        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in tracker_config.items()})
         logger.info(f"{len(dataset)} samples of shape {dataset.sample_shape}, {dataset.num_classes} classes")
         logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         logger.info(f"global batch {config['global_batch_size']}, steps {args.max_train_steps}, preset {args.speedit}")
-    checkpoint_state = {"seed": args.seed, "class_names": dataset.class_names, "vae": vae_path}
+    checkpoint_state = {
+        "seed": args.seed,
+        "class_names": dataset.class_names,
+        "vae": vae_path,
+        "config": config,
+        "segments": segments,
+    }
+
+    # Checkpoint pushes upload a snapshot of the pipeline in the background; training goes on.
+    pusher = None
+    if args.push_checkpoints_to_hub and accelerator.is_main_process:
+        pusher = BackgroundPusher(args.hub_model_id, args.hub_token, private=args.hub_private_repo)
+        for stale in glob.glob(os.path.join(args.output_dir, f"{PUSH_SNAPSHOT_PREFIX}*")):  # from a killed run
+            shutil.rmtree(stale, ignore_errors=True)
 
     def checkpoint_now(step: int) -> None:
         engine.check_finite()
@@ -400,7 +496,10 @@ def main(args: argparse.Namespace) -> str:
         )
         _fault_injection("after_checkpoint", step)
         if args.push_checkpoints_to_hub:
-            export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, grid=None, push=True)
+            snapshot = os.path.join(args.output_dir, f"{PUSH_SNAPSHOT_PREFIX}{step}")
+            export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, checkpoint_state, None, snapshot)
+            if pusher is not None:
+                pusher.submit(snapshot, f"step {step}", delete_when_done=True)
 
     # The training loop: one micro-step of the engine per batch; the data order and every random
     # number are functions of (seed, process, micro-step), so a resumed run continues exactly.
@@ -414,11 +513,14 @@ def main(args: argparse.Namespace) -> str:
     micro_step = global_step * args.gradient_accumulation_steps
     while global_step < args.max_train_steps:
         _fault_injection("step", global_step)
-        batch = dataset.get_batch(
-            order.indices(micro_step, accelerator.process_index),
-            seeded_generator("data", args.seed, accelerator.process_index, micro_step),
-            device=device,
-        )
+        try:  # a latents shard is checked (finite, in range) the first time a batch reads it
+            batch = dataset.get_batch(
+                order.indices(micro_step, accelerator.process_index),
+                seeded_generator("data", args.seed, accelerator.process_index, micro_step),
+                device=device,
+            )
+        except ValueError as error:
+            raise UserError(f"{error} (the checkpoints so far are intact)") from None
         engine.step(batch["samples"], batch["class_labels"], micro_step)  # SpeeD's t and w are drawn in here
         micro_step += 1
         if not accelerator.sync_gradients:
@@ -435,6 +537,8 @@ def main(args: argparse.Namespace) -> str:
                 "images_per_second": (global_step - last_log_step) * images_per_step / max(elapsed, 1e-9),
             }
             accelerator.log(logs, step=global_step)
+            for failure in pusher.failures() if pusher is not None else []:
+                logger.warning(f"a checkpoint push failed: {failure}")
             progress.set_postfix(loss=f"{logs['loss']:.4f}", img_s=f"{logs['images_per_second']:.0f}")
             last_log_time, last_log_step = time.perf_counter(), global_step
         if evaluate is not None and (global_step % args.evaluation_steps == 0 or global_step == args.max_train_steps):
@@ -449,21 +553,27 @@ def main(args: argparse.Namespace) -> str:
 
     progress.close()
     engine.check_finite()
-    if resume_path is None or checkpoint_step(resume_path) != global_step:
+    if resume_path is None or recorded["step"] != global_step:
         checkpoint_now(global_step)  # the final state, so that a longer run can resume from it
     grid = None
     if accelerator.is_main_process:
         grid = validation_grid(accelerator, model, ema, noise_scheduler, dataset, vae, args)
         log_grid(accelerator, grid, global_step)
-    pushed = export(
-        accelerator, model, ema, noise_scheduler, dataset, vae, args, global_step, grid, push=args.push_to_hub
-    )
+    export(accelerator, model, ema, noise_scheduler, dataset, vae, args, global_step, checkpoint_state, grid)
     accelerator.end_training()
     if accelerator.is_main_process:
         print(f"Pipeline saved to {os.path.abspath(args.output_dir)}")
         print(f"Sample grid: {os.path.abspath(os.path.join(args.output_dir, 'samples.png'))}")
-        if args.push_to_hub and not pushed:
-            raise SystemExit(1)
+        for failure in pusher.wait() if pusher is not None else []:
+            logger.warning(f"a checkpoint push failed: {failure}")
+        if args.push_to_hub:  # the final push blocks and is verified; a failure leaves the output as it is
+            try:
+                push_folder_to_hub(
+                    args.output_dir, args.hub_model_id, args.hub_token, f"step {global_step}",
+                    private=args.hub_private_repo,
+                )  # fmt: skip
+            except ValueError as error:
+                raise UserError(str(error)) from None
     return args.output_dir
 
 
@@ -491,7 +601,7 @@ def build_evaluation(args, accelerator, dataset, noise_scheduler, vae, global_st
         try:
             metric = build_metric(kind, dataset, args.reference_batch, args.inception_weights, accelerator.device)
         except ValueError as error:
-            raise SystemExit(f"error: {error}")
+            raise UserError(f"{error}")
         sampling = EvaluationSampling(
             samples_per_class=args.evaluation_samples_per_class,
             sampler=args.evaluation_sampler,
@@ -565,31 +675,28 @@ def log_grid(accelerator: Accelerator, grid, step: int) -> None:
             tracker.log({"samples": wandb.Image(grid)}, step=step)
 
 
-def export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, grid, push: bool) -> bool:
-    """Write the pipeline folder (EMA weights), the model card and the grid; push if asked."""
-    pushed = True
+def export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, record: dict, grid, folder=None) -> None:
+    """Write the pipeline folder (EMA weights) to `folder` (default: --output_dir), its model card
+    (with `record`'s configuration and segments) and the grid."""
+    folder = folder or args.output_dir
     if accelerator.is_main_process:
         transformer = ema_weights_model(accelerator, model, ema).to("cpu")
         pipeline = build_pipeline(transformer, noise_scheduler, dataset.class_names, vae=vae)
-        save_pipeline(pipeline, noise_scheduler, args.output_dir)
+        save_pipeline(pipeline, noise_scheduler, folder)
         grid_name = None
         if grid is not None:
             grid_name = "samples.png"
-            grid.save(os.path.join(args.output_dir, grid_name))
+            grid.save(os.path.join(folder, grid_name))
         write_model_card(
-            args.output_dir,
+            folder,
             args.hub_model_id,
-            training_config(args, accelerator),
+            record["config"],
             step,
             grid_name,
             latent=vae is not None,
+            segments=record["segments"],
         )
-        if push:
-            pushed = push_folder_to_hub(
-                args.output_dir, args.hub_model_id, args.hub_token, f"step {step}", private=args.hub_private_repo
-            )
     accelerator.wait_for_everyone()
-    return pushed
 
 
 def _fault_injection(point: str, step: int) -> None:
@@ -599,5 +706,10 @@ def _fault_injection(point: str, step: int) -> None:
         os.kill(os.getpid(), 9)
 
 
+def cli(argv: list[str] | None = None) -> str:
+    """The command line: parse and check the flags, then train."""
+    return main(parse_args(argv))
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    run_cli(cli)

@@ -27,16 +27,13 @@ import sys
 import tempfile
 import time
 
+from speedit_scheduler.cli import ArgumentParser, UserError, run_cli
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The package (torch, diffusers) is imported only where a measurement runs, so that a sweep's
 # parent process stays light and each group's worker pays its own start-up.
 
 ON_OFF = {"on": True, "off": False}
-
-
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise SystemExit(f"error: {message} (see --help)")
 
 
 def _list(kind):
@@ -56,7 +53,7 @@ def _on_off(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="XL/2", help="DiT preset, e.g. XL/2 or DiT-XL/2 (default XL/2).")
     p.add_argument("--resolution", type=int, default=256, help="Image side; the latent side is resolution / 8.")
     p.add_argument("--batch_size", type=_list(int), default=[32], help="Per-device batch (a list with --sweep).")
@@ -112,19 +109,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         for name in ("batch_size", "precision", "attention", "compile", "gradient_checkpointing"):
             values = getattr(args, name)
             if values is not None and len(values) > 1:
-                raise SystemExit(f"error: --{name} has {len(values)} values ({values}): pass --sweep to run each.")
+                raise UserError(f"--{name} has {len(values)} values ({values}): pass --sweep to run each.")
     if args.config_timeout <= 0:
-        raise SystemExit(f"error: --config_timeout {args.config_timeout} must be positive.")
+        raise UserError(f"--config_timeout {args.config_timeout} must be positive.")
     if args.time_budget is not None and args.time_budget <= 0:
-        raise SystemExit(f"error: --time_budget {args.time_budget} must be positive.")
+        raise UserError(f"--time_budget {args.time_budget} must be positive.")
     if args.threads is not None and args.threads < 1:
-        raise SystemExit(f"error: --threads {args.threads} must be at least 1.")
+        raise UserError(f"--threads {args.threads} must be at least 1.")
     if args.profile < 0:
-        raise SystemExit(f"error: --profile {args.profile} must be a number of steps (0: no profile).")
+        raise UserError(f"--profile {args.profile} must be a number of steps (0: no profile).")
     if args.sweep and args.profile:
-        raise SystemExit("error: --profile looks at one configuration: drop --sweep or --profile.")
+        raise UserError("--profile looks at one configuration: drop --sweep or --profile.")
     if args.sweep and args.overhead:
-        raise SystemExit("error: --overhead measures one configuration: drop --sweep or --overhead.")
+        raise UserError("--overhead measures one configuration: drop --sweep or --overhead.")
     return args
 
 
@@ -308,7 +305,7 @@ def run_in_process(args: argparse.Namespace) -> dict:
             profile_steps=args.profile,
         )
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise UserError(f"{e}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,8 +363,8 @@ def run_sweep(args: argparse.Namespace, argv: list[str]) -> dict:
                             header = header or item["header"]
                         else:
                             group_rows.append(item["row"])
-        if failure is not None and failure.startswith("error:") and index == 0 and not group_rows:
-            raise SystemExit(failure)  # a bad option: every group would fail the same way
+        if failure is not None and ": error: " in failure and index == 0 and not group_rows:
+            raise UserError(failure.split(": error: ", 1)[1])  # a bad option: every group would fail the same way
         done = {(r["batch_size"], r["attention"], r["gradient_checkpointing"]) for r in group_rows}
         for batch, attention, ckpt in itertools.product(args.batch_size, args.attention, args.gradient_checkpointing):
             if (batch, attention, ckpt) not in done:
@@ -413,4 +410,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -32,6 +32,7 @@ import shlex
 import sys
 
 from speedit_scheduler import PRESETS
+from speedit_scheduler.cli import ArgumentParser, run_cli
 from speedit_scheduler.evaluation.along_training import METRIC_KEYS
 from speedit_scheduler.tools.convergence import (
     ComparisonConfig,
@@ -45,7 +46,7 @@ from speedit_scheduler.training.engine import COMPILE_MODES
 
 def parse_args(argv=None):
     defaults = ComparisonConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--presets",
         nargs="+",
@@ -162,4 +163,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -14,8 +14,8 @@ import argparse
 import logging
 import os
 import re
-import sys
 
+from speedit_scheduler.cli import ArgumentParser, UserError, check_free_space, check_writable_folder, run_cli
 from speedit_scheduler.scheduling_speedit import PRESETS
 from speedit_scheduler.tools.conversion import (
     DTYPES,
@@ -24,10 +24,11 @@ from speedit_scheduler.tools.conversion import (
     describe_conversion,
     format_difference_table,
 )
+from speedit_scheduler.training.hub import check_hub_access, push_folder_to_hub, resolve_hub_token, write_model_card
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="original DiT / SpeeDiT .pt (state dict or train.py checkpoint)")
     p.add_argument("--output_dir", required=True, help="pipeline folder to write (must be empty or new)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-ema", help="AutoencoderKL Hub id or local folder")
@@ -67,30 +68,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        convert(args)
+    except ValueError as error:  # the package's one-line messages: the value and the fix
+        raise UserError(str(error)) from None
+
+
+def convert(args: argparse.Namespace) -> None:
     # Every cheap check before the checkpoint is read.
+    if not os.path.isfile(args.checkpoint):
+        raise UserError(f"--checkpoint {args.checkpoint!r} does not exist: give an original DiT / SpeeDiT .pt file.")
     check_output_dir(args.output_dir, args.overwrite)
+    check_writable_folder(args.output_dir, "--output_dir")
     if args.num_attention_heads is not None and args.num_attention_heads < 1:
-        raise ValueError(f"--num_attention_heads {args.num_attention_heads} must be at least 1.")
+        raise UserError(f"--num_attention_heads {args.num_attention_heads} must be at least 1.")
+    if args.num_classes is not None and args.num_classes < 1:
+        raise UserError(f"--num_classes {args.num_classes} must be at least 1.")
     token = None
     if args.push_to_hub:
-        from speedit_scheduler.training.hub import resolve_hub_token
-
         if not args.hub_model_id:
-            raise ValueError("--push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-256).")
+            raise UserError("--push_to_hub needs --hub_model_id (e.g. your-name/dit-xl-2-256).")
         token = resolve_hub_token(args.hub_token)
+        check_hub_access(args.hub_model_id, token, private=args.hub_private_repo)  # offline or 401: before converting
+    # about the checkpoint's own size again: the weights (and nothing else) in --dtype or float32
+    check_free_space(args.output_dir, os.path.getsize(args.checkpoint), "the converted pipeline")
 
-    _, info, rows = convert_dit_checkpoint(
-        args.checkpoint,
-        args.output_dir,
-        vae=args.vae,
-        use_raw=args.use_raw,
-        speedit_preset=args.speedit,
-        dtype=args.dtype,
-        overwrite=args.overwrite,
-        num_attention_heads=args.num_attention_heads,
-        num_classes=args.num_classes,
-        verify=args.verify,
-    )
+    try:
+        _, info, rows = convert_dit_checkpoint(
+            args.checkpoint,
+            args.output_dir,
+            vae=args.vae,
+            use_raw=args.use_raw,
+            speedit_preset=args.speedit,
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            num_attention_heads=args.num_attention_heads,
+            num_classes=args.num_classes,
+            verify=args.verify,
+        )
+    except RuntimeError as error:  # --verify found a mapping defect: keep the traceback-free report
+        raise UserError(str(error)) from None
     print(describe_conversion(info))
     if rows is not None:
         print("weight mapping verified exact (diffusers' sinusoid); |converted - original| with the original sinusoid:")
@@ -98,8 +115,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.output_dir}")
 
     if args.push_to_hub:
-        from speedit_scheduler.training.hub import push_folder_to_hub, write_model_card
-
         stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
         steps = int(stem) if re.fullmatch(r"\d+", stem) else "an unknown number of"  # DiT names them 0400000.pt
         card_config = {
@@ -110,16 +125,10 @@ def main(argv: list[str] | None = None) -> None:
             **info.checkpoint_args,
         }
         write_model_card(args.output_dir, args.hub_model_id, card_config, steps, None, latent=True)
-        if not push_folder_to_hub(
+        push_folder_to_hub(
             args.output_dir, args.hub_model_id, token, "Convert DiT checkpoint", private=args.hub_private_repo
-        ):
-            sys.exit(1)
+        )
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        # One line for the user, no traceback: every message names the value and the fix.
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_cli(main)

@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from speedit_scheduler.cli import ArgumentParser, UserError, run_cli
 from speedit_scheduler.evaluation.inception import resolve_inception_weights
 from speedit_scheduler.evaluation.metrics import (
     ADM_IS_SPLIT_SIZE,
@@ -36,7 +37,7 @@ from speedit_scheduler.evaluation.metrics import (
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("ref_batch", nargs="?", help="Reference batch .npz (arr_0, optional mu/sigma/mu_s/sigma_s).")
     p.add_argument("sample_batch", nargs="?", help="Sample batch .npz (arr_0: uint8 N x H x W x 3).")
     p.add_argument("--inception_weights", default=None, help="Path to weights-inception-2015-12-05-6726825d.pth.")
@@ -126,8 +127,8 @@ def main(argv=None) -> None:
     try:
         make_reference(args) if args.make_reference is not None else evaluate(args)
     except (ValueError, FileNotFoundError) as error:  # user input: one line, no traceback
-        raise SystemExit(f"evaluate.py: error: {error}")
+        raise UserError(f"{error}")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

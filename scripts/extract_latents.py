@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from speedit_scheduler.cli import ArgumentParser, UserError, run_cli
 from speedit_scheduler.data.extraction import dataset_source, extract_latents, folder_source
 from speedit_scheduler.data.latents import STORAGE_DTYPES
 
@@ -24,7 +25,7 @@ VAE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input_dir", help="A folder with one subfolder of images per class (ImageNet's train/).")
     source.add_argument(
@@ -84,18 +85,19 @@ def main(argv=None) -> None:
                 args.max_samples,
             )
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}")
+        raise UserError(f"{error}")
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     vae_dtype = args.vae_dtype or ("bfloat16" if accelerator.device.type == "cuda" else "float32")
     if accelerator.device.type == "cpu" and vae_dtype == "float16":
-        raise SystemExit("error: --vae_dtype float16 needs a GPU; use float32 or bfloat16 on the CPU.")
+        raise UserError("--vae_dtype float16 needs a GPU; use float32 or bfloat16 on the CPU.")
     try:
         vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=getattr(torch, vae_dtype))
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SystemExit(
-            f"error: cannot load the VAE {args.vae!r} ({first}): give a Hub id or a local folder "
+        missing = not os.path.exists(args.vae)
+        reason = "no such folder, and offline or not on the Hub" if missing else type(error).__name__
+        raise UserError(
+            f"cannot load the VAE {args.vae!r} ({reason}): give a Hub id (online) or a local folder "
             "saved with AutoencoderKL.save_pretrained."
         )
     vae.to(accelerator.device)
@@ -115,7 +117,7 @@ def main(argv=None) -> None:
             num_workers=args.num_workers,
         )
     except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        raise UserError(f"{error}")
     if accelerator.is_main_process:
         print(
             f"wrote {manifest['num_samples']} latents {tuple(manifest['latent_shape'])} to {args.output_dir} "
@@ -128,4 +130,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -49,6 +49,9 @@ def dit_config(
     depth = depth if num_layers is None else num_layers
     hidden = hidden if hidden_size is None else hidden_size
     heads = heads if num_attention_heads is None else num_attention_heads
+    for name, value in (("num_layers", depth), ("hidden_size", hidden), ("num_attention_heads", heads)):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1.")
     if hidden % heads:
         raise ValueError(
             f"hidden_size={hidden} is not divisible by num_attention_heads={heads}: pick sizes that divide."

@@ -34,9 +34,50 @@ sys.path.insert(0, ROOT)
 
 # The flags of the tiny DiT the script tests train (DiT-S/2's layout, 1 block of width 32).
 TINY_DIT_ARGS = ["--model", "S/2", "--num_layers", "1", "--hidden_size", "32", "--num_attention_heads", "2"]
+# A train_dit.py run of that DiT on the digits that takes seconds: checkpoints every 2 steps, no
+# tracker, a 2-step validation grid only when asked for.
+TINY_TRAIN_ARGS = [
+    "--train_data", "digits", *TINY_DIT_ARGS, "--train_batch_size", "8", "--validation_steps", "1000",
+    "--validation_inference_steps", "2", "--validation_images_per_class", "1", "--report_to", "none",
+    "--logging_steps", "1", "--checkpointing_steps", "2",
+]  # fmt: skip
 
 # Test hooks read by the scripts: set only where a test asks for them, never inherited.
 TEST_HOOKS = ("SPEEDIT_TEST_KILL_AT", "SPEEDIT_TEST_STOP_AFTER_SHARDS")
+
+
+def write_latents_folder(folder, moments, labels, dtype="float32", shard_size=24, num_classes=5) -> str:
+    """A latents folder of posterior `moments` (N, 2, 2C, h, w: mean and std of the image and its
+    mirror) with the real shard writer, in shards of `shard_size`; its manifest names a VAE
+    "some/vae" (scaling 0.5) and classes c0, c1, ..."""
+    from speedit_scheduler.data.latents import shard_file_name, write_shard
+    from speedit_scheduler.utils import atomic_write_json
+
+    n = len(moments)
+    os.makedirs(folder, exist_ok=True)
+    shards = []
+    for k, start in enumerate(range(0, n, shard_size)):
+        part = slice(start, min(start + shard_size, n))
+        write_shard(os.path.join(folder, shard_file_name(k)), moments[part], labels[part], torch.arange(n)[part], dtype)
+        shards.append({"file": shard_file_name(k), "num_samples": len(labels[part])})
+    channels, side = moments.shape[2] // 2, moments.shape[-1]
+    manifest = {
+        "format": "speedit-latents",
+        "version": 1,
+        "complete": True,
+        "num_samples": n,
+        "dtype": dtype,
+        "flips": True,
+        "resolution": 8 * side,
+        "latent_shape": [channels, side, side],
+        "shards": shards,
+        "skipped": [],
+        "class_names": [f"c{i}" for i in range(num_classes)],
+        "source": {"name": "synthetic"},
+        "vae": {"name_or_path": "some/vae", "scaling_factor": 0.5, "shift_factor": None, "latent_channels": channels},
+    }
+    atomic_write_json(os.path.join(folder, "manifest.json"), manifest)
+    return str(folder)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -286,7 +286,7 @@ def test_cli_dtype_and_raw(tmp_path, tiny_vae_dir, script):
     weight = saved_transformer(out)["proj_out_2.weight"]
     assert weight.dtype == torch.bfloat16 and torch.equal(weight, raw["final_layer.linear.weight"].bfloat16())
     # An existing output folder is refused, then accepted with --overwrite.
-    with pytest.raises(ValueError, match="is not empty.*--overwrite"):
+    with pytest.raises(SystemExit, match="is not empty.*--overwrite"):
         script.main(["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae_dir, "--num_attention_heads", "4"])
     script.main(
         ["--checkpoint", ckpt, "--output_dir", out, "--vae", tiny_vae_dir, "--num_attention_heads", "4", "--overwrite"]
@@ -359,6 +359,7 @@ def test_cli_error_is_one_line(tmp_path, run_script):
     out = tmp_path / "busy"
     out.mkdir()
     (out / "file.txt").write_text("keep me")
+    (tmp_path / "x.pt").write_bytes(b"not read: the output folder is checked first")
     result = run_script(
         "scripts/convert_dit_checkpoint.py", ["--checkpoint", tmp_path / "x.pt", "--output_dir", out], cwd=ROOT
     )

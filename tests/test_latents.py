@@ -8,13 +8,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIT_ARGS
+from conftest import TINY_DIT_ARGS, write_latents_folder
 from PIL import Image
 from safetensors.torch import load_file
 
-from speedit_scheduler.data.latents import LatentDataset, write_shard
+from speedit_scheduler.data.latents import LatentDataset
 from speedit_scheduler.data.loading import load_training_data
-from speedit_scheduler.utils import atomic_write_json, seeded_generator
+from speedit_scheduler.utils import seeded_generator
 
 CLASSES = ["cat", "dog", "fish"]
 MODES = ["RGB", "L", "CMYK", "RGBA", "P"]
@@ -242,31 +242,7 @@ def synthetic_latents(folder, dtype="float32", n=64, seed=0):
     std = torch.rand(n, 2, 4, 8, 8, generator=rng) + 0.5
     moments = torch.cat([mean, std], dim=2)
     labels = torch.arange(n) % 5
-    os.makedirs(folder, exist_ok=True)
-    shards = []
-    for k, part in enumerate(range(0, n, 24)):
-        name = f"shard-{k:05d}.safetensors"
-        sl = slice(part, min(part + 24, n))
-        write_shard(os.path.join(folder, name), moments[sl], labels[sl], torch.arange(n)[sl], dtype)
-        shards.append({"file": name, "num_samples": len(labels[sl])})
-    atomic_write_json(
-        os.path.join(folder, "manifest.json"),
-        {
-            "format": "speedit-latents",
-            "version": 1,
-            "complete": True,
-            "num_samples": n,
-            "dtype": dtype,
-            "flips": True,
-            "resolution": 64,
-            "latent_shape": [4, 8, 8],
-            "shards": shards,
-            "skipped": [],
-            "class_names": [f"c{i}" for i in range(5)],
-            "source": {"name": "synthetic"},
-            "vae": {"name_or_path": "some/vae", "scaling_factor": 0.5, "shift_factor": None, "latent_channels": 4},
-        },
-    )
+    write_latents_folder(folder, moments, labels, dtype)
     return mean, std, labels
 
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -272,7 +273,7 @@ def test_unknown_name_is_one_line_with_suggestions(pixel_dir, tmp_path, monkeypa
     monkeypatch.setattr(sample_dit, "load_sampler", lambda *a: pytest.fail("loaded the model"))
     with pytest.raises(SystemExit) as error:
         sample_dit.main(["--model", pixel_dir, "--class_labels", "tiger_kat", "--output", str(tmp_path / "g.png")])
-    assert str(error.value) == "error: unknown class name 'tiger_kat': did you mean 'tiger cat'?"
+    assert str(error.value) == "unknown class name 'tiger_kat': did you mean 'tiger cat'?"
 
 
 @pytest.mark.parametrize(
@@ -361,10 +362,28 @@ def test_mass_sampling_resumes_bitwise_and_matches_two_processes(pixel_dir, tmp_
         assert sorted(os.listdir(tmp_path / "b" / "shards")) == ["000000.npz", "000001.npz", "000002.npz"]
         assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "b" / "samples_10.npz")
 
-        with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale\)"):
+        with pytest.raises(SystemExit, match=r"holds samples made with other settings \(guidance_scale 2.0 -> 3.0\)"):
             sample_dit.main(common[:-1] + ["3", "--sample_dir", str(tmp_path / "b")])
 
         two = two_processes.result()
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_samples(tmp_path / "a" / "samples_10.npz", tmp_path / "c" / "samples_10.npz")
     assert json.loads((tmp_path / "c" / "sampling_settings.json").read_text())["num_samples"] == 10
+
+
+def test_a_sample_folder_refuses_a_replaced_model_at_the_same_path(pixel_dir, tmp_path, tiny_dit):
+    """The sample folder records the weights' fingerprint: new weights at the old path are refused
+    in one line before anything is sampled or merged, and the samples already there are kept."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(pixel_dir, model_dir)
+    common = ["--model", str(model_dir), "--num_samples", "4", "--batch_size", "2", "--num_inference_steps", "2"]
+    sample_dit.main(common + ["--sample_dir", str(tmp_path / "s")])
+    shard, merged = tmp_path / "s" / "shards" / "000000.npz", tmp_path / "s" / "samples_4.npz"
+    before, merged_before = shard.read_bytes(), merged.read_bytes()
+    other = tiny_dit(in_channels=1, sample_size=8, num_classes=5, seed=1, **SAMPLER_DIT)
+    other.save_pretrained(model_dir / "transformer")  # same path, same config, other weights
+    with pytest.raises(SystemExit) as error:
+        sample_dit.main(common + ["--sample_dir", str(tmp_path / "s")])
+    message = str(error.value)
+    assert "weights_sha256" in message and "other settings" in message and "\n" not in message
+    assert error.value.code == 2 and shard.read_bytes() == before and merged.read_bytes() == merged_before

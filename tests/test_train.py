@@ -12,7 +12,12 @@ from safetensors.torch import load_file
 import train_dit
 from speedit_scheduler import SpeeDiTScheduler
 from speedit_scheduler.data.datasets import DeterministicOrder
-from speedit_scheduler.training.checkpoints import list_checkpoints, resolve_resume_checkpoint, save_checkpoint
+from speedit_scheduler.training.checkpoints import (
+    list_checkpoints,
+    resolve_resume_checkpoint,
+    save_checkpoint,
+    write_manifest,
+)
 from speedit_scheduler.training.ema import LerpEMAModel, create_ema
 from speedit_scheduler.utils import seeded_generator
 
@@ -345,6 +350,8 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, ca
     monkeypatch.setattr(HfApi, "create_commit", fake_create_commit)
     monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)  # an HTTP call
     monkeypatch.setattr(hub, "create_repo", lambda *a, **k: None)
+    monkeypatch.setattr(hub, "auth_check", lambda *a, **k: None)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kw: calls["commits"][-1][1])  # verified
     monkeypatch.setattr(hub.time, "sleep", lambda s: None)
     out = tmp_path / "out"
     train_dit.main(_tiny_args(out, "--push_to_hub", "--hub_model_id", "me/tiny-dit", "--hub_token", token))
@@ -359,7 +366,7 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, ca
     assert "failed (attempt 1/3)" in caplog.text and token not in caplog.text
 
 
-def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch):
+def test_failed_upload_keeps_the_output_and_exits_with_one_line(tmp_path, monkeypatch):
     from huggingface_hub import HfApi
 
     import speedit_scheduler.training.hub as hub
@@ -371,13 +378,47 @@ def test_failed_upload_keeps_the_output_and_exits_nonzero(tmp_path, monkeypatch)
 
     monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
     monkeypatch.setattr(HfApi, "create_commit", always_fail)
+    monkeypatch.setattr(HfApi, "_validate_yaml", lambda self, content, **kwargs: None)  # an HTTP call
     monkeypatch.setattr(hub, "create_repo", lambda *a, **k: None)
+    monkeypatch.setattr(hub, "auth_check", lambda *a, **k: None)
     monkeypatch.setattr(hub.time, "sleep", lambda s: None)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         train_dit.main(_tiny_args(out, "--push_to_hub", "--hub_model_id", "me/x", "--hub_token", "t"))
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2 and "\n" not in str(exit_info.value)
+    assert "still failing after 3 attempts" in str(exit_info.value) and f"hf upload me/x {out}" in str(exit_info.value)
     assert os.path.isfile(out / "model_index.json") and os.path.isdir(out / "checkpoints" / "checkpoint-4")
+
+
+def test_checkpoint_pushes_run_in_the_background_and_failures_are_reported(tmp_path, monkeypatch, caplog):
+    """A checkpoint push that cannot succeed (403) does not stall or stop training: it is reported
+    at the next log line and at the end, its snapshot is removed, and the final push still runs."""
+    from huggingface_hub import HfApi
+
+    import speedit_scheduler.training.hub as hub
+
+    pushed = []
+
+    def fake_upload(*, folder_path, commit_message, **kwargs):
+        if commit_message == "step 2":
+            raise OSError("403 Forbidden")
+        pushed.append((commit_message, sorted(os.listdir(folder_path)), hub.files_to_upload(folder_path)))
+        return None
+
+    monkeypatch.setattr(hub, "create_repo", lambda *a, **k: None)
+    monkeypatch.setattr(hub, "auth_check", lambda *a, **k: None)
+    monkeypatch.setattr(hub, "upload_folder", fake_upload)
+    monkeypatch.setattr(HfApi, "list_repo_files", lambda self, repo_id, **kw: pushed[-1][2])
+    monkeypatch.setattr(hub.time, "sleep", lambda s: pytest.fail("a permanent failure was retried"))
+    out = tmp_path / "out"
+    args = _tiny_args(out, "--push_to_hub", "--push_checkpoints_to_hub", "--hub_model_id", "me/x", "--hub_token", "t")
+    with caplog.at_level("WARNING"):
+        train_dit.main(args)
+    failures = [r.getMessage() for r in caplog.records if "a checkpoint push failed" in r.getMessage()]
+    assert len(failures) == 1 and "403 forbidden" in failures[0] and "\n" not in failures[0]
+    assert [message for message, _, _ in pushed] == ["step 4", "step 4"]  # checkpoint 4 (background), then final
+    assert "model_index.json" in pushed[0][1] and "checkpoints" not in pushed[0][1]
+    assert not [name for name in os.listdir(out) if name.startswith(".hub-push")]  # snapshots removed
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
@@ -400,38 +441,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path, 
     assert [os.path.basename(p) for p in list_checkpoints(out / "checkpoints")] == ["checkpoint-2"]
 
 
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["--model", "XXL/2"], "--model 'XXL/2' is unknown"),
-        (["--speedit", "speed", "--speed_lambda", "5"], "speed_lambda=5.0 is out of range"),
-        (["--speed_tau", "700"], "speed_tau=700.0 is out of range"),
-        (["--enable_xformers_memory_efficient_attention"], "needs a CUDA GPU"),
-        (["--mixed_precision", "fp16"], "needs a CUDA GPU"),
-        (["--push_to_hub", "--hub_token", "x"], "--push_to_hub needs --hub_model_id"),
-        (["--push_to_hub", "--hub_model_id", "me/x"], "--push_to_hub needs a Hugging Face token"),
-        (["--push_checkpoints_to_hub"], "needs --push_to_hub"),
-        (["--class_dropout_prob", "1.5"], "--class_dropout_prob 1.5"),
-        (["--train_batch_size", "0"], "--train_batch_size 0 must be at least 1"),
-        (["--resume_from_checkpoint", "/nowhere/step-3"], "is not a checkpoint folder"),
-    ],
-)
-def test_bad_flags_fail_fast_with_one_line(tmp_path, monkeypatch, argv, message):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(SystemExit) as exit_info:
-        train_dit.parse_args(["--train_data", "digits", "--output_dir", str(tmp_path / "o"), *argv])
-    text = str(exit_info.value.code)
-    assert message in text and "\n" not in text
-
-
-def test_unwritable_output_dir(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    with pytest.raises(SystemExit, match="is not writable"):
-        train_dit.parse_args(["--train_data", "digits", "--output_dir", str(blocker / "sub")])
-
-
 def test_bad_data_fails_before_training(tmp_path):
     np.savez(
         tmp_path / "bad_labels.npz",
@@ -439,7 +448,7 @@ def test_bad_data_fails_before_training(tmp_path):
         labels=np.array([0, 1, 2, 7]),
         class_names=np.array(["a", "b", "c"]),
     )
-    with pytest.raises(ValueError, match=r"labels span \[0, 7\] .* must lie in \[0, 3\)"):
+    with pytest.raises(SystemExit, match=r"sample 3 of .*bad_labels.npz' has class label 7"):
         train_dit.main(_tiny_args(tmp_path / "o1", "--train_data", str(tmp_path / "bad_labels.npz")))
     np.savez(
         tmp_path / "empty.npz",
@@ -447,12 +456,12 @@ def test_bad_data_fails_before_training(tmp_path):
         labels=np.zeros(0, np.int64),
         class_names=np.array(["a"]),
     )
-    with pytest.raises(ValueError, match="the dataset is empty"):
+    with pytest.raises(SystemExit, match="empty.npz. holds no samples"):
         train_dit.main(_tiny_args(tmp_path / "o2", "--train_data", str(tmp_path / "empty.npz")))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train_dit.main(_tiny_args(tmp_path / "o3", "--train_data", str(tmp_path / "missing.npz")))
     np.savez(tmp_path / "odd.npz", images=np.zeros((4, 7, 7), np.uint8), labels=np.zeros(4, np.int64))
-    with pytest.raises(ValueError, match="sample_size=7 is not divisible by the patch size 2"):
+    with pytest.raises(SystemExit, match="sample_size=7 is not divisible by the patch size 2"):
         train_dit.main(_tiny_args(tmp_path / "o4", "--train_data", str(tmp_path / "odd.npz")))
 
 
@@ -518,23 +527,12 @@ def test_a_checkpoint_file_that_would_run_code_is_refused_in_one_line(tmp_path, 
     checkpoint = out / "checkpoints" / "checkpoint-2"
     marker = tmp_path / "code-ran"
     torch.save({"state": _PlantedCode(marker)}, checkpoint / planted)
+    write_manifest(str(checkpoint))  # a crafted checkpoint: its checksums match, so only weights_only stops it
     with pytest.raises(SystemExit) as stop:
         train_dit.main(_tiny_args(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
     message = str(stop.value)
-    assert message.startswith("error: ") and "\n" not in message and planted in message and "refused" in message
+    assert stop.value.code == 2 and "\n" not in message and planted in message and "refused" in message
     assert not marker.exists()
     assert not (out / "checkpoints" / "checkpoint-4").exists()
     torch.load(checkpoint / planted, weights_only=False)  # the plant is real: a plain load runs it
     assert marker.exists()
-
-
-def test_a_truncated_optimizer_state_is_named_in_one_line(tmp_path):
-    out = tmp_path / "out"
-    train_dit.main(_tiny_args(out, "--max_train_steps", "2"))
-    optimizer = out / "checkpoints" / "checkpoint-2" / "optimizer.bin"
-    optimizer.write_bytes(optimizer.read_bytes()[:1000])
-    with pytest.raises(SystemExit) as stop:
-        train_dit.main(_tiny_args(out, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"))
-    message = str(stop.value)
-    assert message.startswith("error: ") and "\n" not in message
-    assert "optimizer.bin is damaged" in message and "resume from another checkpoint" in message

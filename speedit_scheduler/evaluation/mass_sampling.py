@@ -11,6 +11,7 @@ finds and the merged `samples_N.npz` is the same for any W.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import math
 import os
@@ -47,6 +48,24 @@ def sample_labels_and_generators(
     generators = [sample_generator(seed, i) for i in indices]
     labels = [int(torch.randint(num_classes, (1,), generator=g)) for g in generators]
     return labels, generators
+
+
+def weights_fingerprint(files: list[str]) -> str:
+    """SHA-256 over the given files' contents (and their order): what makes a sample folder's
+    samples come from one model. A replaced model at the same path changes it."""
+    digest = hashlib.sha256()
+    for path in files:
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 23), b""):
+                file_digest.update(block)
+        digest.update(f"{os.path.basename(path)}\0{file_digest.hexdigest()}\0".encode())
+    return digest.hexdigest()
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:21] + "..."
 
 
 class ShardPlan:
@@ -89,9 +108,10 @@ class ShardPlan:
                 recorded = json.load(f)
             changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
             if changed:
+                details = ", ".join(f"{k} {_short(recorded.get(k))} -> {_short(settings.get(k))}" for k in changed)
                 raise ValueError(
-                    f"--sample_dir {self.sample_dir!r} holds samples made with other settings ({', '.join(changed)}): "
-                    "use a new --sample_dir or the same settings."
+                    f"--sample_dir {self.sample_dir!r} holds samples made with other settings ({details}): "
+                    "use a new --sample_dir, or the same model and settings."
                 )
             return
         atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
@@ -114,7 +134,7 @@ class ShardPlan:
             )
         images, labels = [], []
         for k in range(self.num_shards):
-            with np.load(self.path(k)) as shard:
+            with np.load(self.path(k), allow_pickle=False) as shard:
                 images.append(shard["images"])
                 labels.append(shard["labels"])
         images, labels = np.concatenate(images), np.concatenate(labels)

@@ -19,6 +19,7 @@ from PIL import Image
 from scipy import linalg
 from tqdm.auto import tqdm
 
+from ..data.datasets import load_npz_arrays
 from ..data.extraction import IMAGE_EXTENSIONS, center_crop_arr
 from ..utils import atomic_write
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionV3FID, load_inception
@@ -140,6 +141,12 @@ def as_uint8_nchw(images: np.ndarray | torch.Tensor, name: str = "images", allow
     return x
 
 
+ADM_NPZ_LAYOUT = (
+    "an ADM batch holds arr_0 (uint8 N x H x W x 3) and optionally the float FID statistics mu, sigma, mu_s, "
+    "sigma_s: write it with np.savez(path, images) or scripts/evaluate.py --make_reference"
+)
+
+
 class ImageNpz:
     """An image array in an .npz (ADM's sample / reference batch format: `arr_0`, uint8,
     N x H x W x 3), checked from its header and read in batches without loading it whole (a 50k
@@ -189,7 +196,7 @@ class ImageNpz:
     def iter_batches(self, batch_size: int) -> Iterator[np.ndarray]:
         """Consecutive raw batches (the file's own layout and channels)."""
         if self._fortran or self.dtype.hasobject or not self.shape:
-            array = np.load(self.path)[self.key]
+            array = load_npz_arrays(self.path, [self.key], ADM_NPZ_LAYOUT)[self.key]  # allow_pickle=False
             for start in range(0, len(array), batch_size):
                 yield array[start : start + batch_size]
             return
@@ -219,8 +226,15 @@ class ImageNpz:
             raise ValueError(
                 f"{self.path} has 'mu' but lacks {missing}; rewrite it with scripts/evaluate.py --make_reference."
             )
-        with np.load(self.path) as data:
-            stats = {k: data[k] for k in ("mu", "sigma", "mu_s", "sigma_s")}
+        stats = load_npz_arrays(self.path, ["mu", "sigma", "mu_s", "sigma_s"], ADM_NPZ_LAYOUT)  # allow_pickle=False
+        for k, value in stats.items():
+            floating = np.issubdtype(value.dtype, np.floating)
+            if not floating or not np.isfinite(value).all():
+                problem = "holds NaN or inf" if floating else f"is {value.dtype}"
+                raise ValueError(
+                    f"{self.path}: {k} {problem}; expected finite float FID statistics: rewrite it with "
+                    "scripts/evaluate.py --make_reference."
+                )
         for k, dim in (("mu", POOL_DIM), ("mu_s", SPATIAL_DIM)):
             sigma = stats["sigma" + k[2:]]
             if stats[k].shape != (dim,) or sigma.shape != (dim, dim):

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -107,11 +108,18 @@ def load_checkpoint_file(path: str) -> Any:
         safe_globals = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.4
         with safe_globals([argparse.Namespace]) if safe_globals else contextlib.nullcontext():
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types (UnpicklingError, RuntimeError, EOFError...)
+    except pickle.UnpicklingError as error:
+        # "Unsupported global" means the pickle names a function or class: code it would run.
+        what = "names code to run" if "global" in str(error).lower() else "is not a PyTorch checkpoint"
+        raise ValueError(
+            f"--checkpoint {path!r} {what} (read with weights_only=True: refused, nothing in it ran): "
+            "give an original DiT / SpeeDiT .pt file from a source you trust."
+        ) from None
+    except Exception as error:  # torch raises many types (RuntimeError, EOFError...)
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise ValueError(
             f"--checkpoint {path!r} is not a PyTorch checkpoint that loads with weights_only=True "
-            f"({type(error).__name__}: {first_line[:200]}): give a DiT / SpeeDiT .pt file."
+            f"({type(error).__name__}: {first_line[:120]}): give a DiT / SpeeDiT .pt file."
         ) from None
 
 

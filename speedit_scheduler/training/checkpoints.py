@@ -7,20 +7,26 @@ scheduler and RNG state, and `training_state.json` (step, seed, what sampling it
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
 import shutil
 
 import torch
+from accelerate.utils import broadcast_object_list
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from diffusers import DiTTransformer2DModel
 
 from ..utils import atomic_write_json
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
+MANIFEST_FILE = "manifest.json"  # every file of the checkpoint: size and SHA-256, written last
 TRAINING_SCHEDULER_FOLDER = "training_scheduler"  # the SpeeDiTScheduler config, in checkpoints and exports
 
 
@@ -49,9 +55,10 @@ def save_checkpoint(
     """Save the accelerate state (model, EMA, optimizer, LR scheduler, RNGs), `state` as
     `training_state.json` and the noise scheduler's config for `step`, crash-safely.
 
-    Everything is written to `.tmp-checkpoint-N`, then renamed to `checkpoint-N` (atomic on one
-    file system), then old checkpoints beyond `total_limit` are pruned. A kill at any point
-    leaves the newest *complete* checkpoint as `latest`.
+    Everything is written to `.tmp-checkpoint-N`, then `manifest.json` records every file's
+    size and SHA-256, then the folder is renamed to `checkpoint-N` (atomic on one file system),
+    then old checkpoints beyond `total_limit` are pruned. A kill at any point leaves the newest
+    *complete* checkpoint as `latest`; a failed write (a full disk) removes the temporary folder.
     """
     final = os.path.join(checkpoints_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = os.path.join(checkpoints_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
@@ -59,12 +66,19 @@ def save_checkpoint(
         os.makedirs(checkpoints_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if noise_scheduler is not None:
+                noise_scheduler.save_pretrained(os.path.join(tmp, TRAINING_SCHEDULER_FOLDER))
+            atomic_write_json(os.path.join(tmp, TRAINING_STATE_FILE), {"step": step, **state})
+            write_manifest(tmp)
+    except OSError:  # no space, no permission: no half-written folder stays behind
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        if noise_scheduler is not None:
-            noise_scheduler.save_pretrained(os.path.join(tmp, TRAINING_SCHEDULER_FOLDER))
-        atomic_write_json(os.path.join(tmp, TRAINING_STATE_FILE), {"step": step, **state})
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -75,19 +89,114 @@ def save_checkpoint(
     return final
 
 
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files are not the ones it recorded (missing, truncated, changed, added)."""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _checkpoint_files(folder: str) -> list[str]:
+    files = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            relative = os.path.relpath(os.path.join(root, name), folder)
+            if relative != MANIFEST_FILE:
+                files.append(relative.replace(os.sep, "/"))
+    return sorted(files)
+
+
+def write_manifest(folder: str) -> dict:
+    """Record every file of a checkpoint folder (size, SHA-256) in its `manifest.json`."""
+    files = {
+        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+        for name in _checkpoint_files(folder)
+    }
+    manifest = {"format": 1, "files": files}
+    atomic_write_json(os.path.join(folder, MANIFEST_FILE), manifest)
+    return manifest
+
+
+def verify_checkpoint(folder: str) -> None:
+    """Raise DamagedCheckpointError (one line naming the file) unless every file the manifest
+    records is there with its size and checksum, and no other file was added."""
+    manifest_path = os.path.join(folder, MANIFEST_FILE)
+    try:
+        with open(manifest_path) as f:
+            recorded = json.load(f)["files"]
+    except FileNotFoundError:
+        raise DamagedCheckpointError(f"{folder} has no {MANIFEST_FILE}: it is incomplete or not a checkpoint") from None
+    except (ValueError, KeyError, TypeError):
+        raise DamagedCheckpointError(f"{manifest_path} is damaged (not the manifest JSON)") from None
+    for name, entry in recorded.items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            raise DamagedCheckpointError(f"{path} is missing")
+        size = os.path.getsize(path)
+        if size != entry["size"]:
+            raise DamagedCheckpointError(f"{path} is damaged ({size} bytes, {entry['size']} written)")
+        if _sha256(path) != entry["sha256"]:
+            raise DamagedCheckpointError(f"{path} is damaged (its SHA-256 differs from the one written)")
+    extra = sorted(set(_checkpoint_files(folder)) - set(recorded))
+    if extra:
+        raise DamagedCheckpointError(f"{os.path.join(folder, extra[0])} was not written with the checkpoint")
+
+
 def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> str | None:
-    """`latest` -> the newest complete checkpoint (None if there is none); a path must exist."""
+    """`latest` -> the newest *intact* checkpoint (None if there is none); damaged ones are named
+    in a one-line warning and skipped. A named checkpoint must exist and be intact. Errors are
+    one-line ValueErrors naming the folder or file and the fix."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         found = list_checkpoints(checkpoints_dir)
-        return found[-1] if found else None
+        damage = []
+        for candidate in reversed(found):
+            try:
+                verify_checkpoint(candidate)
+                return candidate
+            except DamagedCheckpointError as error:
+                logger.warning(f"skipping a damaged checkpoint: {error}")
+                damage.append(str(error))
+        if damage:
+            raise DamagedCheckpointError(
+                f"every checkpoint in {checkpoints_dir} is damaged (newest: {damage[0]}): "
+                "move them away to start anew, or restore one from a copy."
+            )
+        return None
     if checkpoint_step(resume_from) is None or not os.path.isdir(resume_from):
         raise ValueError(
             f"--resume_from_checkpoint {resume_from!r} is not a checkpoint folder: "
             f"give 'latest' or a path like {os.path.join(checkpoints_dir, CHECKPOINT_PREFIX + '1000')}."
         )
+    try:
+        verify_checkpoint(resume_from)
+    except DamagedCheckpointError as error:
+        raise DamagedCheckpointError(f"{error}: resume from another checkpoint (or 'latest')") from None
     return resume_from
+
+
+def choose_resume_checkpoint(accelerator, resume_from: str | None, checkpoints_dir: str) -> str | None:
+    """`resolve_resume_checkpoint` on the main process only (the checksums are read once), its
+    answer or its error shared with every process, so that all of them stop or go together."""
+    answer = [None, None]
+    if accelerator.is_main_process:
+        try:
+            answer[0] = resolve_resume_checkpoint(resume_from, checkpoints_dir)
+            if answer[0] is not None:
+                check_pickled_state(answer[0])
+        except ValueError as error:
+            answer[1] = str(error)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(answer)
+    if answer[1] is not None:
+        raise ValueError(answer[1])
+    return answer[0]
 
 
 # accelerate's pickled files in a checkpoint (optimizer, LR scheduler, RNG states, grad scaler)

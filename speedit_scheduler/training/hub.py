@@ -1,20 +1,58 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
-"""Model cards and Hub uploads for trained pipelines."""
+"""Model cards and Hub uploads for trained pipelines.
+
+Pushes fail fast: offline, an unresolvable host, 400/401/403/404 and bad repo ids raise `HubPushError`
+at once (one line, never the token); only transient failures (408, 429, 5xx, timeouts, dropped
+connections) are retried with back-off. The trainer calls `check_hub_access` before training, pushes
+checkpoints with `BackgroundPusher` and the final pipeline with `push_folder_to_hub`, which verifies
+that every file reached the Hub.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
+import shlex
+import shutil
+import socket
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_for_futures
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
 
 from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
-from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, upload_folder
-from huggingface_hub.utils import HfHubHTTPError
+from huggingface_hub import (
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    auth_check,
+    constants,
+    create_repo,
+    get_token,
+    upload_folder,
+)
+from huggingface_hub.errors import (
+    DisabledRepoError,
+    GatedRepoError,
+    HfHubHTTPError,
+    HFValidationError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+)
+from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
+from huggingface_hub.utils import filter_repo_objects
 
 logger = logging.getLogger(__name__)
 
 # Training byproducts that live in the output folder but are not part of the pipeline.
 UPLOAD_IGNORE_PATTERNS = ["checkpoints/*", "logs/*", ".*"]
+
+_T = TypeVar("_T")
 
 
 def resolve_hub_token(token: str | None) -> str:
@@ -34,8 +72,11 @@ def write_model_card(
     global_step: int,
     grid_filename: str | None,
     latent: bool,
+    segments: list[dict] | None = None,
 ) -> None:
-    """README.md with diffusers' model-card helpers: library_name, tags, config, steps, grid."""
+    """README.md with diffusers' model-card helpers: library_name, tags, config, steps, grid, and
+    the run's segments (the steps each set of changeable values was used for) when it has more
+    than one."""
     loading = (
         "```python\nfrom diffusers import DiffusionPipeline\n\n"
         f'pipe = DiffusionPipeline.from_pretrained("{hub_model_id or output_dir}")\n'
@@ -56,6 +97,7 @@ def write_model_card(
         "The transformer holds the EMA weights.\n\n"
         f"## Use\n\n{loading}\n"
         f"## Training configuration\n\n| argument | value |\n| --- | --- |\n{config_lines}\n"
+        f"{segments_table(segments or [], global_step)}"
     )
     # diffusers' training-script card (template, metadata) built locally: nothing is fetched.
     card = ModelCard.from_template(
@@ -68,6 +110,285 @@ def write_model_card(
     card.save(card_path)
 
 
+def segments_table(segments: list[dict], final_step: int) -> str:
+    """A Markdown table of the values that changed between segments, one row per segment
+    (empty for a run that was never resumed with changed values)."""
+    if len(segments) < 2:
+        return ""
+    keys = sorted({k for s in segments for k in s["values"]} - {
+        k for k in segments[0]["values"] if all(s["values"].get(k) == segments[0]["values"][k] for s in segments)
+    })  # fmt: skip
+    ends = [s["from_step"] for s in segments[1:]] + [final_step]
+    rows = [
+        f"| {s['from_step']} - {end} | " + " | ".join(f"`{s['values'].get(k)}`" for k in keys) + " |"
+        for s, end in zip(segments, ends)
+    ]
+    header = "| steps | " + " | ".join(f"`{k}`" for k in keys) + " |"
+    divider = "| --- |" + " --- |" * len(keys)
+    return (
+        "\n## Training segments\n\nThe run was resumed with new values of these flags (the table above holds "
+        "the last):\n\n" + "\n".join([header, divider, *rows]) + "\n"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# failures: which can succeed on a retry, and one line for the user
+# ------------------------------------------------------------------------------------------------
+def _http_client_errors() -> tuple[type[BaseException], ...]:
+    """Transport errors of huggingface_hub's HTTP client (httpx2 in huggingface_hub 2, httpx in 1)."""
+    errors: list[type[BaseException]] = []
+    for name in ("httpx2", "httpx"):
+        try:
+            client = __import__(name)
+        except ImportError:
+            continue
+        errors += [client.TimeoutException, client.NetworkError, client.RemoteProtocolError]
+    return tuple(errors)
+
+
+# Timeouts and dropped connections: the same request may succeed a little later.
+_TRANSIENT_ERRORS = (TimeoutError, ConnectionError) + _http_client_errors()
+_TRANSIENT_STATUS = {408, 429}  # and every 5xx
+_NAME_RESOLUTION = re.compile(
+    r"name or service not known|nodename nor servname|name resolution|getaddrinfo failed|no address associated",
+    re.IGNORECASE,
+)
+# A status code in the text of an error that carries no response (e.g. from the upload backend).
+_STATUS_IN_TEXT = re.compile(r"^\s*([45]\d\d)\b|\b([45]\d\d) (?:Client|Server) Error\b|\bHTTP (?:Error )?([45]\d\d)\b")
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}")
+
+
+def _scrub(text: str, token: str | None) -> str:
+    """`text` on one line, with the token (and anything shaped like a Hub token) replaced by ***.
+
+    A "token" of a few characters is no real one: replacing it would garble every message."""
+    if token and len(token) >= 8:
+        text = text.replace(token, "***")
+    text = _TOKEN_LIKE.sub("***", text)
+    return " ".join(text.split())
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def retry_command(repo_id: str, folder: str) -> str:
+    """The `hf upload` command that uploads `folder` as push_folder_to_hub does."""
+    excludes = " ".join(f"--exclude {shlex.quote(pattern)}" for pattern in UPLOAD_IGNORE_PATTERNS)
+    return f"hf upload {shlex.quote(repo_id)} {shlex.quote(folder)} {excludes}"
+
+
+class HubPushError(ValueError):
+    """A Hub push that cannot succeed, or still failed after its retries: one line naming the repo,
+    the reason and the fix (and, for an upload, the folder that is safe and the command to retry),
+    never the token."""
+
+    def __init__(self, repo_id: str, reason: str, fix: str, folder: str | None = None, token: str | None = None):
+        self.repo_id = repo_id
+        self.reason = _scrub(reason, token)
+        self.fix = _scrub(fix, token)
+        self.folder = folder
+        message = f"cannot push to {repo_id}: {self.reason}; fix: {self.fix}"
+        if folder is not None:
+            message += f". The output is safe in {folder}; retry by hand with: {retry_command(repo_id, folder)}"
+        super().__init__(_scrub(message, token))
+
+    def __reduce__(self):
+        return self.__class__, (self.repo_id, self.reason, self.fix, self.folder)
+
+
+@dataclass(frozen=True)
+class _Problem:
+    reason: str
+    fix: str
+    transient: bool
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and the exceptions it was raised from, outermost first."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain and len(chain) < 10:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _status_problem(status: int, repo_id: str, detail: str) -> _Problem:
+    detail = f" ({_shorten(detail, 200)})" if detail else ""
+    if status == 401:
+        return _Problem(
+            f"401 unauthorised: the token cannot write to {repo_id}{detail}",
+            "use a valid token with write access (`hf auth login`, HF_TOKEN or --hub_token)",
+            False,
+        )
+    if status == 403:
+        return _Problem(
+            f"403 forbidden: the token may not write to {repo_id}{detail}",
+            "push to a namespace you can write to, with a token that has write access to it",
+            False,
+        )
+    if status == 404:
+        return _Problem(
+            f"404: the repo or namespace does not exist{detail}",
+            "check the repo id (NAMESPACE/NAME: your user name or an organisation you belong to)",
+            False,
+        )
+    if status in _TRANSIENT_STATUS or 500 <= status < 600:
+        return _Problem(
+            f"HTTP {status} from the Hub{detail}", "the Hub may be down or rate-limiting: retry later", True
+        )
+    return _Problem(f"HTTP {status}{detail}", "check the repo id and the files to upload", False)
+
+
+def _classify(error: BaseException, repo_id: str) -> _Problem:
+    """What went wrong, how to fix it, and whether the same request may succeed later."""
+    chain = _causes(error)
+    if any(isinstance(e, OfflineModeIsEnabled) for e in chain):
+        return _Problem("offline (HF_HUB_OFFLINE=1)", "unset HF_HUB_OFFLINE, or run without --push_to_hub", False)
+    for e in chain:
+        if isinstance(e, HFValidationError):
+            return _Problem(f"invalid repo id ({_shorten(str(e), 200)})", "use NAMESPACE/NAME", False)
+    for e in chain:
+        if isinstance(e, HfHubHTTPError):
+            response = getattr(e, "response", None)
+            status = getattr(response, "status_code", None)
+            detail = e.server_message or ""
+            if isinstance(e, GatedRepoError):
+                return _Problem(f"{status} the repo is gated ({detail})", "ask for access to the repo", False)
+            if isinstance(e, DisabledRepoError):
+                return _Problem(f"{status} the repo is disabled", "push to another repo", False)
+            if isinstance(e, RepositoryNotFoundError):
+                return _Problem(
+                    "the repo or namespace does not exist (or the token cannot see it)",
+                    "check the repo id (NAMESPACE/NAME) and that the token belongs to that namespace",
+                    False,
+                )
+            if status is not None:
+                return _status_problem(status, repo_id, detail)
+    for e in chain:
+        if isinstance(e, socket.gaierror) or _NAME_RESOLUTION.search(str(e)):
+            return _Problem(
+                f"cannot resolve the host of {constants.ENDPOINT} (no network or DNS)",
+                "check the network connection (and HF_ENDPOINT), or run without --push_to_hub",
+                False,
+            )
+    for e in chain:
+        if isinstance(e, _TRANSIENT_ERRORS):
+            return _Problem(
+                f"network error ({type(e).__name__}: {_shorten(str(e), 200)})", "check the network; retry later", True
+            )
+    for e in chain:
+        match = _STATUS_IN_TEXT.search(str(e))
+        if match:
+            return _status_problem(int(next(g for g in match.groups() if g)), repo_id, _shorten(str(e), 200))
+    return _Problem(f"{type(error).__name__}: {_shorten(str(error))}", "fix the cause above and retry", False)
+
+
+def _retrying(
+    action: Callable[[], _T],
+    what: str,
+    *,
+    repo_id: str,
+    token: str,
+    retries: int,
+    backoff_seconds: float,
+    folder: str | None,
+) -> _T:
+    """`action()`, retried with linear back-off while it fails transiently; HubPushError otherwise."""
+    for attempt in range(1, max(retries, 1) + 1):
+        try:
+            return action()
+        except HubPushError:
+            raise
+        except Exception as error:
+            problem = _classify(error, repo_id)
+            if not problem.transient or attempt >= retries:
+                reason = problem.reason + (f", still failing after {attempt} attempts" if problem.transient else "")
+                raise HubPushError(repo_id, f"{what} failed: {reason}", problem.fix, folder, token) from None
+            delay = backoff_seconds * attempt
+            logger.warning(
+                _scrub(
+                    f"Hub push to {repo_id}: {what} failed (attempt {attempt}/{retries}): {problem.reason}; "
+                    f"retrying in {delay:g} s",
+                    token,
+                )
+            )
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+# ------------------------------------------------------------------------------------------------
+# access check, blocking push, background pushes
+# ------------------------------------------------------------------------------------------------
+def check_hub_access(
+    repo_id: str, token: str, private: bool = False, retries: int = 3, backoff_seconds: float = 10.0
+) -> None:
+    """Create the repo if needed and check the token may write to it, before any expensive work:
+    offline, unauthorised or a bad namespace raise HubPushError in one line."""
+    policy = dict(repo_id=repo_id, token=token, retries=retries, backoff_seconds=backoff_seconds, folder=None)
+    _retrying(lambda: create_repo(repo_id, token=token, private=private, exist_ok=True), "creating the repo", **policy)
+    # create_repo succeeds on an existing repo the token can only read: check write access too.
+    _retrying(lambda: auth_check(repo_id, token=token, write=True), "the write-access check", **policy)
+
+
+def files_to_upload(folder: str) -> list[str]:
+    """The files of `folder` that upload_folder sends (relative, with /), as it selects them."""
+    root = Path(folder).expanduser().resolve()
+    local = sorted(path.relative_to(root).as_posix() for path in root.glob("**/*") if path.is_file())
+    return list(filter_repo_objects(local, ignore_patterns=UPLOAD_IGNORE_PATTERNS + DEFAULT_IGNORE_PATTERNS))
+
+
+def _upload_and_verify(
+    folder: str,
+    repo_id: str,
+    token: str,
+    commit_message: str,
+    private: bool,
+    create: bool,
+    retries: int,
+    backoff_seconds: float,
+) -> str:
+    """Upload `folder` (creating the repo first if `create`), then check that the commit holds every
+    file that should have been uploaded; the commit URL."""
+
+    def retrying(action: Callable[[], _T], what: str) -> _T:
+        return _retrying(
+            action, what, repo_id=repo_id, token=token, retries=retries, backoff_seconds=backoff_seconds, folder=folder
+        )
+
+    if create:
+        retrying(lambda: create_repo(repo_id, token=token, private=private, exist_ok=True), "creating the repo")
+    expected = files_to_upload(folder)
+    commit = retrying(
+        lambda: upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=commit_message,
+            token=token,
+            ignore_patterns=list(UPLOAD_IGNORE_PATTERNS),  # upload_folder extends the list it is given
+        ),
+        "the upload",
+    )
+    revision = getattr(commit, "oid", None)  # None: the default branch
+    remote = set(
+        retrying(lambda: HfApi().list_repo_files(repo_id, revision=revision, token=token), "listing the uploaded files")
+    )
+    missing = [name for name in expected if name not in remote]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        at = f"commit {revision}" if revision else "the default branch"
+        raise HubPushError(
+            repo_id,
+            f"the upload finished but {at} lacks {len(missing)} file(s): {shown}",
+            "retry the upload",
+            folder,
+            token,
+        )
+    url = getattr(commit, "commit_url", None) or f"{constants.ENDPOINT}/{repo_id}"
+    logger.info(f"Uploaded {folder} to {url} ({len(expected)} files verified)")
+    return url
+
+
 def push_folder_to_hub(
     output_dir: str,
     repo_id: str,
@@ -76,31 +397,84 @@ def push_folder_to_hub(
     private: bool = False,
     retries: int = 3,
     backoff_seconds: float = 10.0,
-) -> bool:
-    """Create the repo if needed and upload the pipeline folder, retrying transient failures.
+) -> str:
+    """Create the repo if needed, upload the pipeline folder and verify the commit; the commit URL.
 
-    Never raises on a failed upload (the local folder is the source of truth) and never logs the
-    token; returns whether the upload succeeded.
+    Transient failures are retried `retries` times in all with back-off; anything else raises
+    HubPushError at once, naming the folder that is safe and the `hf upload` command to retry.
     """
-    for attempt in range(1, retries + 1):
+    return _upload_and_verify(output_dir, repo_id, token, commit_message, private, True, retries, backoff_seconds)
+
+
+class BackgroundPusher:
+    """Checkpoint pushes that never block training: each `submit` queues an upload (create the repo on
+    the first, upload, verify) on the HfApi thread pool that `run_as_future` uses, one upload at a
+    time in submission order. Failures are collected as one-line messages for the caller to print."""
+
+    def __init__(
+        self, repo_id: str, token: str, private: bool = False, retries: int = 3, backoff_seconds: float = 10.0
+    ):
+        self.repo_id = repo_id
+        self.private = private
+        self.retries = retries
+        self.backoff_seconds = backoff_seconds
+        self._token = token
+        self._api = HfApi(token=token)  # its run_as_future executor has a single worker
+        self._lock = threading.Lock()
+        self._pending: list[Future] = []
+        self._failures: list[str] = []
+        self._created = False
+
+    def submit(self, folder: str, commit_message: str, delete_when_done: bool = False) -> None:
+        """Queue the upload of `folder`, a snapshot no one modifies afterwards; with `delete_when_done`
+        the folder is removed once its upload has finished, successfully or not."""
+        future = self._api.run_as_future(self._push, folder, commit_message, delete_when_done)
+        with self._lock:
+            self._pending = [f for f in self._pending if not f.done()] + [future]
+
+    def _push(self, folder: str, commit_message: str, delete_when_done: bool) -> str | None:
         try:
-            create_repo(repo_id, token=token, private=private, exist_ok=True)
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=output_dir,
-                commit_message=commit_message,
-                token=token,
-                ignore_patterns=UPLOAD_IGNORE_PATTERNS,
+            url = _upload_and_verify(
+                folder,
+                self.repo_id,
+                self._token,
+                commit_message,
+                self.private,
+                not self._created,
+                self.retries,
+                self.backoff_seconds,
             )
-            logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
-            return True
-        except (HfHubHTTPError, OSError, ValueError) as error:
-            message = str(error).replace(token, "***")
-            logger.warning(f"Upload to {repo_id} failed (attempt {attempt}/{retries}): {message}")
-            if attempt < retries:
-                time.sleep(backoff_seconds * attempt)
-    logger.error(
-        f"Could not upload to {repo_id}; the output is safe in {output_dir}. "
-        f"Retry with: hf upload {repo_id} {output_dir} --exclude 'checkpoints/*' 'logs/*'"
-    )
-    return False
+            self._created = True  # only this worker thread reads or writes it
+            return url
+        except Exception as error:
+            if isinstance(error, HubPushError) and delete_when_done:  # the snapshot is not kept: say so
+                message = f"{HubPushError(self.repo_id, error.reason, error.fix)} (snapshot {folder} removed)"
+            elif isinstance(error, HubPushError):
+                message = str(error)
+            else:
+                message = _scrub(
+                    f"cannot push {folder} to {self.repo_id}: {type(error).__name__}: {error}", self._token
+                )
+            logger.warning(message)
+            if delete_when_done:  # before the failure is visible: a reported push has no snapshot left
+                shutil.rmtree(folder, ignore_errors=True)
+            with self._lock:
+                self._failures.append(message)
+            return None
+        finally:
+            if delete_when_done:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def failures(self) -> list[str]:
+        """Messages of the uploads that failed since the last call (each reported once); never blocks."""
+        with self._lock:
+            failures, self._failures = self._failures, []
+            self._pending = [f for f in self._pending if not f.done()]
+        return failures
+
+    def wait(self) -> list[str]:
+        """Block until every submitted upload has finished; the failures not reported yet."""
+        with self._lock:
+            pending = list(self._pending)
+        wait_for_futures(pending)
+        return self.failures()
