@@ -182,8 +182,14 @@ def read_metadata(path: str) -> dict:
             "id2label": dict(enumerate(state["class_names"])),
             "vae": ["diffusers", "AutoencoderKL"] if state.get("vae") else None,
         }
-        return {**metadata(index, transformer), "checkpoint": True}
-    return metadata(read("model_index.json"), read("transformer/config.json"))
+        scheduler = os.path.join(path, "training_scheduler", "scheduler_config.json")
+        steps = json.load(open(scheduler)).get("num_train_timesteps", 1000) if os.path.isfile(scheduler) else 1000
+        return {**metadata(index, transformer), "checkpoint": True, "num_train_timesteps": steps}
+    scheduler = read("scheduler/scheduler_config.json") if os.path.isdir(os.path.join(path, "scheduler")) else {}
+    return {
+        **metadata(read("model_index.json"), read("transformer/config.json")),
+        "num_train_timesteps": scheduler.get("num_train_timesteps", 1000),
+    }
 
 
 def output_size_per_sample(meta: dict) -> int:
@@ -206,6 +212,11 @@ def metadata(index: dict, transformer: dict) -> dict:
 
 
 def check_model_args(args: argparse.Namespace, meta: dict) -> None:
+    if args.num_inference_steps > meta["num_train_timesteps"]:
+        fail(
+            f"--num_inference_steps {args.num_inference_steps} exceeds the model's {meta['num_train_timesteps']} "
+            f"training timesteps: use at most {meta['num_train_timesteps']} (DiT samples with 250)."
+        )
     if meta["class_name"] not in ("DiTPipeline", "SpeeDiTPipeline"):
         fail(f"{args.pretrained_model_name_or_path!r} is a {meta['class_name']}, not a DiTPipeline or SpeeDiTPipeline.")
     if args.sampler == "diffusers":
@@ -323,6 +334,7 @@ def prepare_sample_dir(args: argparse.Namespace, meta: dict, state, folder: str,
     try:
         if state.is_main_process:
             plan.check_settings(settings)
+            plan.check_written_shards()
             for stale in plan.stray_tmp_files():  # half-written by a killed run; nobody writes yet
                 os.remove(stale)
         state.wait_for_everyone()
@@ -357,7 +369,10 @@ def sample_for_fid(args, meta, state, pipe, kwargs, plan: ShardPlan) -> str | No
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        path = plan.merge()
+        try:
+            path = plan.merge()
+        except ValueError as error:
+            fail(str(error))
         print(f"wrote {path} ({args.num_samples} samples, arr_0 uint8 NHWC, arr_1 labels)")
         return path
     return None

@@ -482,6 +482,10 @@ def main(args: argparse.Namespace) -> str:
         "segments": segments,
     }
 
+    # raw weights, EMA weights and AdamW's two moments: what a checkpoint holds, before the first
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    checkpoint_bytes = parameter_bytes * (4 if ema is not None else 3)
+
     # Checkpoint pushes upload a snapshot of the pipeline in the background; training goes on.
     pusher = None
     if args.push_checkpoints_to_hub and accelerator.is_main_process:
@@ -492,8 +496,9 @@ def main(args: argparse.Namespace) -> str:
     def checkpoint_now(step: int) -> None:
         engine.check_finite()
         save_checkpoint(
-            accelerator, checkpoints_dir, step, checkpoint_state, args.checkpoints_total_limit, noise_scheduler
-        )
+            accelerator, checkpoints_dir, step, checkpoint_state, args.checkpoints_total_limit, noise_scheduler,
+            estimated_bytes=checkpoint_bytes,
+        )  # fmt: skip
         _fault_injection("after_checkpoint", step)
         if args.push_checkpoints_to_hub:
             snapshot = os.path.join(args.output_dir, f"{PUSH_SNAPSHOT_PREFIX}{step}")

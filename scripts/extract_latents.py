@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from speedit_scheduler.cli import ArgumentParser, UserError, run_cli
+from speedit_scheduler.cli import ArgumentParser, UserError, check_free_space, check_writable_folder, run_cli
 from speedit_scheduler.data.extraction import dataset_source, extract_latents, folder_source
 from speedit_scheduler.data.latents import STORAGE_DTYPES
 
@@ -86,6 +86,12 @@ def main(argv=None) -> None:
             )
     except (FileNotFoundError, ValueError) as error:
         raise UserError(f"{error}")
+
+    check_writable_folder(args.output_dir, "--output_dir")
+    # the moments (mean and std, of the image and of its mirror) of every image, in --dtype
+    latent_side = args.resolution // 8
+    per_image = 2 * 2 * 4 * latent_side**2 * (4 if args.dtype == "float32" else 2) // (2 if args.no_flip else 1)
+    check_free_space(args.output_dir, per_image * len(source), f"the latents of {len(source)} images")
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     vae_dtype = args.vae_dtype or ("bfloat16" if accelerator.device.type == "cuda" else "float32")

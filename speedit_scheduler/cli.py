@@ -70,7 +70,9 @@ def format_size(num_bytes: float) -> str:
     raise AssertionError("unreachable")
 
 
-def check_free_space(folder: str, needed_bytes: int, what: str) -> None:
+def check_free_space(
+    folder: str, needed_bytes: int, what: str, fix: str = "free some space or choose another folder"
+) -> None:
     """A one-line UserError, before anything is written, when `folder` lacks `needed_bytes`."""
     existing = folder
     while existing and not os.path.exists(existing):
@@ -79,7 +81,7 @@ def check_free_space(folder: str, needed_bytes: int, what: str) -> None:
     if free < needed_bytes:
         raise UserError(
             f"{what} needs about {format_size(needed_bytes)} in {folder} but only {format_size(free)} is free: "
-            "free some space or choose another folder."
+            f"{fix}."
         )
 
 

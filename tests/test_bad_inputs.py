@@ -118,6 +118,11 @@ CASES = {
     "sample: class id out of range": (
         S, ["--model", "{run}", "--class_labels", "12", "--output", "{tmp}/g.png"], "12"
     ),
+    "sample: more steps than the schedule": (
+        S, [*GRID, "--num_inference_steps", "5000"], "--num_inference_steps 5000 exceeds the model's 1000"
+    ),
+    "sample: damaged shard": (S, [*MASS, "--batch_size", "2", "--num_inference_steps", "2"], "000001.npz is damaged"),
+    "sample: pickled shard": (S, [*MASS, "--batch_size", "2", "--num_inference_steps", "2"], "holds pickled objects"),
     "sample: guidance below 1": (S, [*GRID, "--guidance_scale", "0.5"], "--guidance_scale 0.5 must be >= 1"),
     "sample: zero samples": (S, [*MASS[:3], "0", *MASS[4:]], "--num_samples 0 must be at least 1"),
     "sample: pictures and FID at once": (S, [*GRID, "--num_samples", "4"], "exclude each other"),
@@ -164,6 +169,16 @@ CASES = {
 ENTRY = {T: lambda: train_dit.cli, S: lambda: sample_dit.main}
 
 
+class Planted:
+    """Unpickled with code allowed, this creates the marker file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished 2-step train_dit.py run (pixel pipeline, checkpoint-2), and the mass samples of
@@ -184,11 +199,7 @@ def files(tmp_path_factory, finished_run):
              class_names=np.array(["a", "b", "c"]))  # fmt: skip
     (folder / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
 
-    class Planted:
-        def __reduce__(self):
-            return (open, (str(folder / "code-ran"), "w"))
-
-    torch.save({"model": Planted()}, folder / "planted.pt")
+    torch.save({"model": Planted(folder / "code-ran")}, folder / "planted.pt")
     (folder / "flat").mkdir()
     (folder / "flat" / "x.png").write_bytes(b"")
     from PIL import Image
@@ -229,6 +240,17 @@ def test_a_bad_input_ends_in_one_line(case, tmp_path, finished_run, files, load_
                          "--num_inference_steps", "2", "--batch_size", "4"])  # fmt: skip
         capsys.readouterr()
         argv = [*argv, "--num_inference_steps", "2", "--batch_size", "4"]
+    if case in ("sample: damaged shard", "sample: pickled shard"):  # a finished folder with one bad shard
+        common = ["--model", str(finished_run), "--num_samples", "4", "--sample_dir", str(tmp_path / "samples"),
+                  "--num_inference_steps", "2", "--batch_size", "2"]  # fmt: skip
+        sample_dit.main(common)
+        capsys.readouterr()
+        shard = tmp_path / "samples" / "shards" / "000001.npz"
+        if case == "sample: damaged shard":
+            shard.write_bytes(shard.read_bytes()[:50])
+        else:
+            np.savez(shard, images=np.array([Planted(files / "code-ran")], dtype=object), labels=np.zeros(2))
+        (tmp_path / "samples" / "samples_4.npz").unlink()
     values = {"tmp": str(tmp_path), "run": str(finished_run), "files": str(files)}
     argv = [a.format(**values) for a in argv]
     before = snapshot(finished_run)

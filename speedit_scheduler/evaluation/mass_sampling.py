@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import torch
@@ -116,6 +117,29 @@ class ShardPlan:
             return
         atomic_write(path, lambda f: f.write(json.dumps(settings, indent=2, sort_keys=True).encode()))
 
+    def check_written_shards(self) -> None:
+        """Refuse, in one line, a finished shard that is damaged or holds pickled objects. Reads only
+        each shard's zip directory and array headers, so it is cheap before a resumed run starts."""
+        for k in range(self.num_shards):
+            if not self.is_done(k):
+                continue
+            try:
+                with zipfile.ZipFile(self.path(k)) as archive:
+                    for name in ("images.npy", "labels.npy"):
+                        with archive.open(name) as member:
+                            major, _ = np.lib.format.read_magic(member)
+                            read_header = np.lib.format.read_array_header_1_0 if major == 1 else (
+                                np.lib.format.read_array_header_2_0
+                            )  # fmt: skip
+                            _, _, dtype = read_header(member)
+                        if dtype.hasobject:
+                            raise ValueError("allow_pickle")
+            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                reason = "holds pickled objects" if "allow_pickle" in str(error) else f"is damaged ({error!s:.80})"
+                raise ValueError(
+                    f"sample shard {self.path(k)} {reason}: delete it and rerun the same command to redo that shard."
+                ) from None
+
     def write_shard(self, shard: int, images: np.ndarray, labels: list[int]) -> None:
         indices = np.asarray(self.indices(shard), dtype=np.int64)
         if len(images) != len(indices):
@@ -134,9 +158,15 @@ class ShardPlan:
             )
         images, labels = [], []
         for k in range(self.num_shards):
-            with np.load(self.path(k), allow_pickle=False) as shard:
-                images.append(shard["images"])
-                labels.append(shard["labels"])
+            try:  # no pickles: an object array is refused, not unpickled
+                with np.load(self.path(k), allow_pickle=False) as shard:
+                    images.append(shard["images"])
+                    labels.append(shard["labels"])
+            except (ValueError, OSError, KeyError, EOFError, zipfile.BadZipFile) as error:
+                reason = "holds pickled objects" if "allow_pickle" in str(error) else f"is damaged ({error!s:.80})"
+                raise ValueError(
+                    f"sample shard {self.path(k)} {reason}: delete it and rerun the same command to redo that shard."
+                ) from None
         images, labels = np.concatenate(images), np.concatenate(labels)
         assert len(images) == self.num_samples, (len(images), self.num_samples)
         atomic_write(self.merged_path, lambda f: np.savez(f, arr_0=images, arr_1=labels))

@@ -510,9 +510,14 @@ def load_images(source: str, image_size: int | None = None) -> np.ndarray:
         raise ValueError(f"{source} has no images ({', '.join(IMAGE_EXTENSIONS)}).")
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            array = center_crop_arr(image, image_size) if image_size else np.asarray(image)
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB")
+                array = center_crop_arr(image, image_size) if image_size else np.asarray(image)
+        except (OSError, SyntaxError, ValueError) as error:  # PIL's errors for damaged files
+            raise ValueError(
+                f"{path} is not a readable image ({type(error).__name__}): remove or replace it, then rerun."
+            ) from None
         if images and array.shape != images[0].shape:
             raise ValueError(
                 f"{path} is {array.shape[1]}x{array.shape[0]} but "

@@ -6,6 +6,7 @@ scheduler and RNG state, and `training_state.json` (step, seed, what sampling it
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -20,12 +21,16 @@ from accelerate.utils import broadcast_object_list
 from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from diffusers import DiTTransformer2DModel
 
+from ..cli import UserError, check_free_space, format_size
 from ..utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINING_STATE_FILE = "training_state.json"
+RESUME_AFTER_FREEING = (
+    "the earlier checkpoints are intact: free some space, then rerun with --resume_from_checkpoint latest"
+)
 MANIFEST_FILE = "manifest.json"  # every file of the checkpoint: size and SHA-256, written last
 TRAINING_SCHEDULER_FOLDER = "training_scheduler"  # the SpeeDiTScheduler config, in checkpoints and exports
 
@@ -51,6 +56,7 @@ def save_checkpoint(
     state: dict,
     total_limit: int | None,
     noise_scheduler=None,
+    estimated_bytes: int = 0,
 ) -> str:
     """Save the accelerate state (model, EMA, optimizer, LR scheduler, RNGs), `state` as
     `training_state.json` and the noise scheduler's config for `step`, crash-safely.
@@ -59,12 +65,16 @@ def save_checkpoint(
     size and SHA-256, then the folder is renamed to `checkpoint-N` (atomic on one file system),
     then old checkpoints beyond `total_limit` are pruned. A kill at any point leaves the newest
     *complete* checkpoint as `latest`; a failed write (a full disk) removes the temporary folder.
+    A full disk is found before writing where it can be: the checkpoint needs about the size of
+    the newest one, or `estimated_bytes` before the first.
     """
     final = os.path.join(checkpoints_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = os.path.join(checkpoints_dir, f".tmp-{CHECKPOINT_PREFIX}{step}")
+    needed = max(estimated_bytes, checkpoint_size(list_checkpoints(checkpoints_dir)[-1:]))
     if accelerator.is_main_process:
         os.makedirs(checkpoints_dir, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        check_free_space(checkpoints_dir, needed, f"checkpoint-{step}", fix=RESUME_AFTER_FREEING)
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(tmp)
@@ -74,9 +84,15 @@ def save_checkpoint(
                 noise_scheduler.save_pretrained(os.path.join(tmp, TRAINING_SCHEDULER_FOLDER))
             atomic_write_json(os.path.join(tmp, TRAINING_STATE_FILE), {"step": step, **state})
             write_manifest(tmp)
-    except OSError:  # no space, no permission: no half-written folder stays behind
+    except OSError as error:  # no space, no permission: no half-written folder stays behind
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            raise UserError(
+                f"no space left in {checkpoints_dir} for checkpoint-{step} (about {format_size(needed)} needed, "
+                f"{format_size(shutil.disk_usage(checkpoints_dir).free)} free); nothing half-written is left and "
+                f"{RESUME_AFTER_FREEING}."
+            ) from None
         raise
     if accelerator.is_main_process:
         if os.path.exists(final):
@@ -145,6 +161,14 @@ def verify_checkpoint(folder: str) -> None:
     extra = sorted(set(_checkpoint_files(folder)) - set(recorded))
     if extra:
         raise DamagedCheckpointError(f"{os.path.join(folder, extra[0])} was not written with the checkpoint")
+
+
+def checkpoint_size(checkpoints: list[str]) -> int:
+    """Bytes the given checkpoint folders hold."""
+    return sum(
+        os.path.getsize(os.path.join(root, name)) for folder in checkpoints for root, _, names in os.walk(folder)
+        for name in names
+    )  # fmt: skip
 
 
 def resolve_resume_checkpoint(resume_from: str | None, checkpoints_dir: str) -> str | None:
