@@ -24,8 +24,6 @@ import signal
 import sys
 import time
 
-import torch
-
 from speedit_scheduler.cli import (
     ArgumentParser,
     check_device,
@@ -35,24 +33,14 @@ from speedit_scheduler.cli import (
     fail,
     run_cli,
 )
-from speedit_scheduler.data.class_names import resolve_class_labels, short_label
-from speedit_scheduler.evaluation.grids import labelled_grid
-from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8, weights_fingerprint
-from speedit_scheduler.pipeline_speedit import SAMPLERS
-from speedit_scheduler.training.checkpoints import (
-    checkpoint_transformer_folder,
-    is_training_checkpoint,
-    read_checkpoint_state,
-)
-from speedit_scheduler.training.export import pipeline_from_checkpoint
+from speedit_scheduler.options import DTYPE_NAMES, SAMPLER_NAMES
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # DiT's defaults: sample.py guides with 4.0 for pictures, sample_ddp.py with 1.5 for FID-50K.
 DEFAULT_GUIDANCE = {"grid": 4.0, "mass": 1.5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--pretrained_model_name_or_path", "--model", required=True, help="Pipeline folder or Hub id.")
     p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit).")
     p.add_argument("--class_labels", nargs="+", default=None, help="Class ids or names (names via id2label).")
@@ -60,12 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output_dir", default=None, help="Folder for one PNG per requested label.")
     p.add_argument("--num_samples", type=int, default=None, help="Mass sampling: this many samples, random classes.")
     p.add_argument("--sample_dir", default=None, help="Mass sampling: shards and the merged samples_N.npz go here.")
-    p.add_argument("--sampler", choices=("faithful", "diffusers"), default="faithful")
+    p.add_argument(
+        "--sampler",
+        choices=("faithful", "diffusers"),
+        default="faithful",
+        help="faithful: DiT's own sampling (learned variance, guidance of the first 3 latent channels); "
+        "diffusers: the stock DiTPipeline.",
+    )
     p.add_argument(
         "--scheduler",
         default=None,
-        help=f"One of {', '.join(SAMPLERS)}. Default: ddpm (learned variance) for --sampler faithful, "
-        "the pipeline's own scheduler for --sampler diffusers.",
+        choices=SAMPLER_NAMES,
+        help="Default: ddpm (learned variance) for --sampler faithful, the pipeline's own for --sampler diffusers.",
     )
     p.add_argument("--guidance_scale", type=float, default=None, help="1 = no guidance. Default 4 (grids), 1.5 (FID).")
     p.add_argument(
@@ -74,12 +68,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Faithful sampler: 'all' or k (guide the first k eps channels). "
         "Default: 3 for latent models (DiT), all for pixel models.",
     )
-    p.add_argument("--num_inference_steps", type=int, default=250)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=32, help="Per process.")
+    p.add_argument("--num_inference_steps", type=int, default=250, help="Sampling steps (DiT: 250 DDPM steps).")
+    p.add_argument("--seed", type=int, default=0, help="Sample i's label and noise come from (seed, i).")
+    p.add_argument("--batch_size", type=int, default=32, help="Samples per pipeline call, per process.")
     p.add_argument("--device", default=None, help="Default: the accelerate process's device (cuda if available).")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="Weights' dtype while sampling.")
     return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    ARGS = run_cli(parse_args)  # before torch is imported: --help and argparse's errors return at once
+
+# ruff: noqa: E402 (the imports below are heavy: they load after the flags are parsed)
+import torch
+
+from speedit_scheduler.data.class_names import resolve_class_labels, short_label
+from speedit_scheduler.evaluation.grids import labelled_grid
+from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8, weights_fingerprint
+from speedit_scheduler.training.checkpoints import (
+    checkpoint_transformer_folder,
+    is_training_checkpoint,
+    read_checkpoint_state,
+)
+from speedit_scheduler.training.export import pipeline_from_checkpoint
 
 
 def check_args(args: argparse.Namespace) -> str:
@@ -114,8 +125,6 @@ def check_args(args: argparse.Namespace) -> str:
         fail(f"--num_inference_steps {args.num_inference_steps} must be at least 1.")
     if args.batch_size < 1:
         fail(f"--batch_size {args.batch_size} must be at least 1.")
-    if args.scheduler is not None and args.scheduler not in SAMPLERS:
-        fail(f"--scheduler {args.scheduler!r} is unknown: choose one of {', '.join(SAMPLERS)}.")
     if args.guidance_channels is not None:
         if args.sampler != "faithful":
             fail("--guidance_channels needs --sampler faithful (stock DiTPipeline guides every channel).")
@@ -240,13 +249,13 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device, fol
     from speedit_scheduler import SpeeDiTPipeline
     from speedit_scheduler.pipeline_speedit import sampling_scheduler
 
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, args.dtype)
     if meta.get("checkpoint"):
         pipe = pipeline_from_checkpoint(folder, torch_dtype=dtype)
     elif meta["class_name"] == "SpeeDiTPipeline":  # not a diffusers class: load it with its own class
-        pipe = SpeeDiTPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe = SpeeDiTPipeline.from_pretrained(folder, dtype=dtype)
     else:
-        pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
     kwargs = {}
     if args.sampler == "faithful":
         if not isinstance(pipe, SpeeDiTPipeline):
@@ -379,7 +388,11 @@ def sample_for_fid(args, meta, state, pipe, kwargs, plan: ShardPlan) -> str | No
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    sample(parse_args(argv))
+
+
+def sample(args: argparse.Namespace) -> None:
+    """Pictures or mass sampling, as the flags ask; every check before the model loads."""
     mode = check_args(args)
     check_device(args.device)
     for flag in ("output_dir", "sample_dir"):
@@ -418,4 +431,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(sample, ARGS)

@@ -14,74 +14,27 @@ from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import logging
 import os
 import shutil
 import sys
 import time
 
-import torch
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DiTTransformer2DModel
-from diffusers.optimization import SchedulerType, get_scheduler
-from tqdm.auto import tqdm
-
-from speedit_scheduler import PRESETS, SpeeDiTPipeline, SpeeDiTScheduler
 from speedit_scheduler.cli import ArgumentParser, UserError, check_writable_folder, run_cli
-from speedit_scheduler.data import DeterministicOrder, load_training_data
-from speedit_scheduler.evaluation.along_training import (
-    EVALUATION_FILE,
-    EVALUATION_METRICS,
-    EvaluationSampling,
-    ProgressFile,
-    TrainingEvaluator,
-    build_metric,
-)
-from speedit_scheduler.evaluation.grids import class_grid
-from speedit_scheduler.losses import DiTLoss
-from speedit_scheduler.models import (
+from speedit_scheduler.options import (
+    COMPILE_MODES,
     DIT_PRESETS,
-    create_dit,
-    disable_internal_label_dropout,
-    dit_config,
-    null_class_label,
+    EVALUATION_METRICS,
+    LOSS_WEIGHTINGS,
+    LR_SCHEDULERS,
+    PRESETS,
+    REPORT_TO,
+    TIMESTEP_SAMPLINGS,
+    TRACKERS,
 )
-from speedit_scheduler.pipeline_speedit import training_sampler
-from speedit_scheduler.training.checkpoints import (
-    checkpoint_step,
-    choose_resume_checkpoint,
-    read_checkpoint_state,
-    register_checkpoint_hooks,
-    save_checkpoint,
-)
-from speedit_scheduler.training.ema import create_ema
-from speedit_scheduler.training.engine import COMPILE_MODES, TrainingEngine
-from speedit_scheduler.training.export import build_pipeline, save_pipeline
-from speedit_scheduler.training.hub import (
-    BackgroundPusher,
-    check_hub_access,
-    push_folder_to_hub,
-    resolve_hub_token,
-    write_model_card,
-)
-from speedit_scheduler.training.run_config import (
-    NOISE_SCHEDULER_FLAGS,
-    STATE_SHAPING,
-    apply_learning_rate,
-    changed_values,
-    check_resume_config,
-    dataset_fingerprint,
-    extend_segments,
-)
-from speedit_scheduler.utils import seeded_generator
-
-logger = get_logger(__name__)
 
 PUSH_SNAPSHOT_PREFIX = ".hub-push-step-"  # the pipeline at a checkpoint, while it uploads
-LR_SCHEDULERS = tuple(kind.value for kind in SchedulerType)
-REPORT_TO = ("tensorboard", "wandb", "all", "none")
 
 # What `--demo` sets unless given explicitly: a DiT small enough to train on 2 CPU cores in
 # minutes on the 8x8 digits, whose samples a digit classifier recognises.
@@ -105,81 +58,101 @@ DEMO_DEFAULTS = {
 }
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--demo", action="store_true", help="Offline demo on scikit-learn's digits (see DEMO_DEFAULTS).")
-    # data
-    p.add_argument(
+def build_parser() -> ArgumentParser:
+    """Every flag, with its help, default and choices (`--help` lists them)."""
+    p = ArgumentParser(description=__doc__)
+    demo = ", ".join(f"--{k} {v}" for k, v in DEMO_DEFAULTS.items())
+    p.add_argument("--demo", action="store_true", help=f"Offline demo on scikit-learn's digits; sets {demo} "
+                   "unless given.")  # fmt: skip
+    data = p.add_argument_group("data")
+    data.add_argument(
         "--train_data",
         default=None,
-        help="'digits', a latents folder from scripts/extract_latents.py, or an .npz of uint8 images and labels.",
+        help="'digits', a latents folder from scripts/extract_latents.py, or an .npz of uint8 images (N x H x W "
+        "[x C]) and labels. Required unless --demo.",
     )
-    p.add_argument("--resolution", type=int, default=None, help="Pad pixel data to this side (28 -> 32 for MNIST).")
-    p.add_argument("--dataloader_num_workers", type=int, default=0, help="Unused for in-memory data.")
-    # model
-    p.add_argument("--model", default="XL/2", help=f"DiT preset: {', '.join(DIT_PRESETS)}.")
-    p.add_argument("--num_layers", type=int, default=None, help="Override the preset's depth.")
-    p.add_argument("--hidden_size", type=int, default=None, help="Override the preset's width.")
-    p.add_argument("--num_attention_heads", type=int, default=None, help="Override the preset's heads.")
-    p.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--gradient_checkpointing", action="store_true")
-    p.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer.")
-    p.add_argument(
+    data.add_argument("--resolution", type=int, default=None, help="Pad pixel data to this side (28 -> 32 for MNIST).")
+    data.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        default=None,
+        help="VAE of latent data, saved in the pipeline. Default: the one the latents folder was extracted with.",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument("--model", default="XL/2", choices=DIT_PRESETS, metavar="PRESET",
+                       help=f"DiT preset, one of {', '.join(DIT_PRESETS)}.")  # fmt: skip
+    model.add_argument("--num_layers", type=int, default=None, help="Override the preset's depth.")
+    model.add_argument("--hidden_size", type=int, default=None, help="Override the preset's width.")
+    model.add_argument("--num_attention_heads", type=int, default=None, help="Override the preset's heads.")
+    model.add_argument("--learn_sigma", action=argparse.BooleanOptionalAction, default=True,
+                       help="Learn the variance with DiT's hybrid loss (--no-learn_sigma: eps MSE).")  # fmt: skip
+    model.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations (less memory).")
+    model.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="xformers attention (CUDA; the `xformers` extra) instead of PyTorch's SDPA.")  # fmt: skip
+    model.add_argument("--compile", action="store_true", help="torch.compile the model and its loss as one graph.")
+    model.add_argument(
         "--compile_mode",
         default=None,
         choices=COMPILE_MODES,
         help="inductor's mode (implies --compile); reduce-overhead captures CUDA graphs (small models).",
     )
-    p.add_argument("--allow_tf32", action="store_true")
-    # SpeeDiT
-    p.add_argument("--speedit", default="speed", choices=sorted(PRESETS), help="Timestep preset ('uniform' = DiT).")
-    p.add_argument("--timestep_sampling", default=None, help="Override the preset's sampling.")
-    p.add_argument("--loss_weighting", default=None, help="Override the preset's loss weighting.")
-    p.add_argument("--dual_sampling", choices=["on", "off"], default=None, help="Override dual sampling.")
-    p.add_argument("--speed_k", type=float, default=None)
-    p.add_argument("--speed_tau", type=float, default=None, help="Fraction of num_train_timesteps (0.7).")
-    p.add_argument("--speed_lambda", type=float, default=None)
-    p.add_argument("--min_snr_gamma", type=float, default=None)
-    p.add_argument("--p2_k", type=float, default=None)
-    p.add_argument("--p2_gamma", type=float, default=None)
-    # optimisation
-    p.add_argument("--train_batch_size", type=int, default=32, help="Per device.")
-    p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--max_train_steps", type=int, default=400_000)
-    p.add_argument("--learning_rate", type=float, default=1e-4)
-    p.add_argument("--lr_scheduler", default="constant")
-    p.add_argument("--lr_warmup_steps", type=int, default=0)
-    p.add_argument("--adam_beta1", type=float, default=0.9)
-    p.add_argument("--adam_beta2", type=float, default=0.999)
-    p.add_argument("--adam_weight_decay", type=float, default=0.0)
-    p.add_argument("--adam_epsilon", type=float, default=1e-8)
-    p.add_argument("--max_grad_norm", type=float, default=0.0, help="0 disables clipping (DiT clips nothing).")
-    p.add_argument("--class_dropout_prob", type=float, default=0.1)
-    p.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--ema_decay", type=float, default=0.9999)
-    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
-    p.add_argument("--seed", type=int, default=0)
-    # output, checkpoints, logging
-    p.add_argument("--output_dir", default=None)
-    p.add_argument("--checkpointing_steps", type=int, default=10_000)
-    p.add_argument("--checkpoints_total_limit", type=int, default=None)
-    p.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder.")
-    p.add_argument("--report_to", default="tensorboard", help="tensorboard, wandb, all or none.")
-    p.add_argument("--logging_dir", default="logs")
-    p.add_argument("--logging_steps", type=int, default=100)
-    p.add_argument("--validation_steps", type=int, default=10_000)
-    p.add_argument("--validation_guidance_scale", type=float, default=4.0)
-    p.add_argument("--validation_inference_steps", type=int, default=50)
-    p.add_argument("--validation_images_per_class", type=int, default=8)
-    # quality along training (evaluations.jsonl in --output_dir, and the trackers)
-    p.add_argument(
-        "--evaluation_steps",
-        type=int,
-        default=None,
-        help="Evaluate the EMA model every N steps and at the end (default: never).",
-    )
-    p.add_argument(
+    model.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere or newer GPUs.")
+    speed = p.add_argument_group("SpeeDiT (which timesteps a batch trains on and how much each counts)")
+    speed.add_argument("--speedit", default="speed", choices=sorted(PRESETS),
+                       help="Timestep preset: speed (SpeeD), speedit-v1, uniform (DiT), or another.")  # fmt: skip
+    speed.add_argument("--timestep_sampling", default=None, choices=TIMESTEP_SAMPLINGS,
+                       help="Override the preset's timestep sampling.")  # fmt: skip
+    speed.add_argument("--loss_weighting", default=None, choices=LOSS_WEIGHTINGS,
+                       help="Override the preset's loss weighting.")  # fmt: skip
+    speed.add_argument("--dual_sampling", choices=["on", "off"], default=None, help="Override SpeeD's dual sampling.")
+    speed.add_argument("--speed_k", type=float, default=None, help="SpeeD's suppression of the steady zone (5).")
+    speed.add_argument("--speed_tau", type=float, default=None,
+                       help="SpeeD's threshold, a fraction of num_train_timesteps (0.7).")  # fmt: skip
+    speed.add_argument("--speed_lambda", type=float, default=None, help="SpeeD's weight of the fast zone (0.6).")
+    speed.add_argument("--snr_gamma", type=float, default=None,
+                       help="Min-SNR-gamma weighting with this gamma, as diffusers' scripts (5.0 is common); "
+                       "sets --loss_weighting min-snr.")  # fmt: skip
+    speed.add_argument("--p2_k", type=float, default=None, help="P2 weighting's k (with --loss_weighting p2).")
+    speed.add_argument("--p2_gamma", type=float, default=None, help="P2 weighting's gamma (with --loss_weighting p2).")
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=32, help="Per device: 32 on 8 GPUs is DiT's 256.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    optim.add_argument("--max_train_steps", type=int, default=400_000, help="Optimizer steps of the whole run.")
+    optim.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW's learning rate.")
+    optim.add_argument("--lr_scheduler", default="constant", choices=LR_SCHEDULERS, help="diffusers' LR schedule.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=0, help="Linear warm-up steps of the LR schedule.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW's beta1.")
+    optim.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW's beta2.")
+    optim.add_argument("--adam_weight_decay", type=float, default=0.0, help="AdamW's weight decay (DiT: 0).")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW's epsilon.")
+    optim.add_argument("--max_grad_norm", type=float, default=0.0, help="Gradient clipping; 0: none (as DiT).")
+    optim.add_argument("--class_dropout_prob", type=float, default=0.1,
+                       help="Label dropout for classifier-free guidance, once per sample.")  # fmt: skip
+    optim.add_argument("--use_ema", action=argparse.BooleanOptionalAction, default=True,
+                       help="Keep an EMA of the weights; samples and exports use it.")  # fmt: skip
+    optim.add_argument("--ema_decay", type=float, default=0.9999, help="EMA decay per step (DiT: 0.9999).")
+    optim.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                       help="Autocast precision. Default: accelerate's config (bf16 in ours).")  # fmt: skip
+    optim.add_argument("--seed", type=int, default=0,
+                       help="Seed of the weights, the data order and every random number of training.")  # fmt: skip
+    out = p.add_argument_group("output, checkpoints, logging")
+    out.add_argument("--output_dir", default=None, help="The run's folder: the pipeline, checkpoints/, logs/. "
+                     "Required unless --demo.")  # fmt: skip
+    out.add_argument("--checkpointing_steps", type=int, default=10_000, help="Checkpoint every N steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    out.add_argument("--resume_from_checkpoint", default=None,
+                     help="'latest' (the newest intact checkpoint, if any) or a checkpoint-N folder.")  # fmt: skip
+    out.add_argument("--report_to", default="tensorboard", choices=REPORT_TO, help="Tracker(s) to log to.")
+    out.add_argument("--tracker_project_name", default="train_dit", help="Project (run group) name in the tracker.")
+    out.add_argument("--logging_dir", default="logs", help="Tracker logs, a folder inside --output_dir.")
+    out.add_argument("--logging_steps", type=int, default=100, help="Log loss, LR and images/s every N steps.")
+    out.add_argument("--validation_steps", type=int, default=10_000, help="Log a sample grid every N steps.")
+    out.add_argument("--validation_guidance_scale", type=float, default=4.0, help="Guidance of the grid (1: none).")
+    out.add_argument("--validation_inference_steps", type=int, default=50, help="Sampling steps of the grid.")
+    out.add_argument("--validation_images_per_class", type=int, default=8, help="Grid images of each class.")
+    quality = p.add_argument_group("quality along training (evaluations.jsonl in --output_dir, and the trackers)")
+    quality.add_argument("--evaluation_steps", type=int, default=None,
+                         help="Evaluate the EMA model every N steps and at the end. Default: never.")  # fmt: skip
+    quality.add_argument(
         "--evaluation_metric",
         choices=EVALUATION_METRICS,
         default=None,
@@ -187,35 +160,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "fid: ADM's FID, sFID, IS, precision, recall against --reference_batch. Default: classifier for "
         "pixel data, fid for latents.",
     )
-    p.add_argument("--evaluation_samples_per_class", type=int, default=50, help="Samples of each class.")
-    p.add_argument("--evaluation_sampler", choices=["ddpm", "ddim"], default="ddpm", help="ddpm: DiT's ancestral.")
-    p.add_argument("--evaluation_guidance_scale", type=float, default=1.0, help="1 = no guidance.")
-    p.add_argument("--evaluation_inference_steps", type=int, default=50)
-    p.add_argument("--evaluation_batch_size", type=int, default=500, help="Samples per pipeline call.")
-    p.add_argument("--reference_batch", default=None, help="fid: ADM reference .npz (scripts/evaluate.py).")
-    p.add_argument("--inception_weights", default=None, help="fid: the FID Inception weights file.")
-    p.add_argument(
-        "--pretrained_vae_model_name_or_path",
-        default=None,
-        help="VAE of latent data, saved in the pipeline. Default: the one the latents folder was extracted with.",
-    )
-    # hub
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--push_checkpoints_to_hub", action="store_true", help="Also upload at every checkpoint.")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_token", default=None)
-    p.add_argument("--hub_private_repo", action="store_true")
-    args = p.parse_args(argv)
+    quality.add_argument("--evaluation_samples_per_class", type=int, default=50, help="Samples of each class.")
+    quality.add_argument("--evaluation_sampler", choices=["ddpm", "ddim"], default="ddpm",
+                         help="ddpm: DiT's ancestral sampler with the learned variance.")  # fmt: skip
+    quality.add_argument("--evaluation_guidance_scale", type=float, default=1.0, help="1: no guidance.")
+    quality.add_argument("--evaluation_inference_steps", type=int, default=50, help="Sampling steps.")
+    quality.add_argument("--evaluation_batch_size", type=int, default=500, help="Samples per pipeline call.")
+    quality.add_argument("--reference_batch", default=None, help="fid: ADM reference .npz (scripts/evaluate.py).")
+    quality.add_argument("--inception_weights", default=None, help="fid: the FID Inception weights file.")
+    hub = p.add_argument_group("Hugging Face Hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline folder at the end (verified).")
+    hub.add_argument("--push_checkpoints_to_hub", action="store_true",
+                     help="Also upload the pipeline at every checkpoint, in the background.")  # fmt: skip
+    hub.add_argument("--hub_model_id", default=None, help="The repo to push to, e.g. your-name/dit-xl-2-speed.")
+    hub.add_argument("--hub_token", default=None, help="Default: HF_TOKEN or the `hf auth login` token.")
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the repo as private.")
+    return p
+
+
+def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags as given, with --demo's defaults filled in; argparse's checks only (no torch)."""
+    args = build_parser().parse_args(argv)
     if args.demo:
         explicit = {a.lstrip("-").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in DEMO_DEFAULTS.items():
             if key not in explicit:
                 setattr(args, key, value)
-    validate_args(args)
     return args
 
 
-def validate_args(args: argparse.Namespace) -> None:
+if __name__ == "__main__":
+    FLAGS = run_cli(parse_flags)  # before torch is imported: --help and argparse's errors return at once
+
+# ruff: noqa: E402 (the imports below are heavy: they load after the flags are parsed)
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DiTTransformer2DModel
+from diffusers.optimization import get_scheduler
+from tqdm.auto import tqdm
+
+from speedit_scheduler import SpeeDiTPipeline, SpeeDiTScheduler
+from speedit_scheduler.data import DeterministicOrder, load_training_data
+from speedit_scheduler.evaluation.along_training import (
+    EVALUATION_FILE,
+    EvaluationSampling,
+    ProgressFile,
+    TrainingEvaluator,
+    build_metric,
+)
+from speedit_scheduler.evaluation.grids import class_grid
+from speedit_scheduler.losses import DiTLoss
+from speedit_scheduler.models import (
+    create_dit,
+    disable_internal_label_dropout,
+    dit_config,
+    null_class_label,
+)
+from speedit_scheduler.pipeline_speedit import training_sampler
+from speedit_scheduler.training.checkpoints import (
+    checkpoint_step,
+    choose_resume_checkpoint,
+    read_checkpoint_state,
+    register_checkpoint_hooks,
+    save_checkpoint,
+)
+from speedit_scheduler.training.ema import create_ema
+from speedit_scheduler.training.engine import TrainingEngine
+from speedit_scheduler.training.export import build_pipeline, save_pipeline
+from speedit_scheduler.training.hub import (
+    BackgroundPusher,
+    check_hub_access,
+    push_folder_to_hub,
+    resolve_hub_token,
+    write_model_card,
+)
+from speedit_scheduler.training.run_config import (
+    NOISE_SCHEDULER_FLAGS,
+    STATE_SHAPING,
+    apply_learning_rate,
+    changed_values,
+    check_resume_config,
+    dataset_fingerprint,
+    extend_segments,
+)
+from speedit_scheduler.utils import seeded_generator
+
+logger = get_logger(__name__)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The flags, parsed and checked: every bad value is a one-line error before any work."""
+    return validate_args(parse_flags(argv))
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Every bad flag is a one-line error before any model, data or process group is created."""
     if args.train_data is None:
         raise UserError("--train_data is required ('digits' or an .npz file), or use --demo.")
@@ -241,7 +281,7 @@ def validate_args(args: argparse.Namespace) -> None:
     for name in ("resolution", "num_layers", "hidden_size", "num_attention_heads", "checkpoints_total_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 1 (or left out).")
-    for name in ("lr_warmup_steps", "seed", "dataloader_num_workers"):
+    for name in ("lr_warmup_steps", "seed"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} {getattr(args, name)} must be at least 0.")
     for name in ("adam_weight_decay", "max_grad_norm"):
@@ -262,8 +302,17 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("validation_guidance_scale", "evaluation_guidance_scale"):
         if not getattr(args, flag) >= 1.0:
             raise UserError(f"--{flag} {getattr(args, flag)} must be >= 1 (1: no guidance).")
-    if args.report_to not in REPORT_TO:
-        raise UserError(f"--report_to {args.report_to!r} is unknown: choose one of {', '.join(REPORT_TO)}.")
+    trackers = list(TRACKERS) if args.report_to == "all" else [args.report_to] if args.report_to != "none" else []
+    for tracker in trackers:
+        if importlib.util.find_spec(TRACKERS[tracker]) is None:
+            raise UserError(
+                f"--report_to {args.report_to} needs the {TRACKERS[tracker]!r} package, which is not installed: "
+                f"pip install {TRACKERS[tracker]}, or pass --report_to none."
+            )
+    if args.snr_gamma is not None and args.loss_weighting not in (None, "min-snr"):
+        raise UserError(
+            f"--snr_gamma turns on Min-SNR weighting but --loss_weighting is {args.loss_weighting}: drop one of them."
+        )
     if os.path.isabs(args.logging_dir) or ".." in args.logging_dir.split(os.sep):
         raise UserError(f"--logging_dir {args.logging_dir!r} must be a folder name inside --output_dir, like logs.")
     try:  # the model's shape, before any data is read (the data's size is checked against it later)
@@ -318,10 +367,13 @@ def validate_args(args: argparse.Namespace) -> None:
             "give 'latest' or a path ending in checkpoint-<step>."
         )
     check_writable_folder(args.output_dir, "--output_dir")
+    return args
 
 
 def build_noise_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
     overrides = {key: getattr(args, key) for key in NOISE_SCHEDULER_FLAGS if getattr(args, key) is not None}
+    if args.snr_gamma is not None:  # diffusers' flag: a gamma turns Min-SNR weighting on
+        overrides.update(loss_weighting="min-snr", min_snr_gamma=args.snr_gamma)
     if args.dual_sampling is not None:
         overrides["dual_sampling"] = args.dual_sampling == "on"
     return SpeeDiTScheduler.from_preset(args.speedit, **overrides)
@@ -336,6 +388,11 @@ def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     config["num_processes"] = accelerator.num_processes
     config["global_batch_size"] = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     return config
+
+
+def tracker_hparams(config: dict) -> dict:
+    """The config as trackers take it: numbers and booleans stay numbers, the rest becomes text."""
+    return {k: v if isinstance(v, (bool, int, float)) else str(v) for k, v in config.items()}
 
 
 def check_resume(args: argparse.Namespace, config: dict, resume_path: str, recorded: dict) -> dict[str, list]:
@@ -470,7 +527,7 @@ def main(args: argparse.Namespace) -> str:
 
     if accelerator.is_main_process:
         tracker_config = {**config, "segment_from_step": segments[-1]["from_step"]}
-        accelerator.init_trackers("train_dit", config={k: str(v) for k, v in tracker_config.items()})
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_hparams(tracker_config))
         logger.info(f"{len(dataset)} samples of shape {dataset.sample_shape}, {dataset.num_classes} classes")
         logger.info(f"model {args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
         logger.info(f"global batch {config['global_batch_size']}, steps {args.max_train_steps}, preset {args.speedit}")
@@ -717,4 +774,4 @@ def cli(argv: list[str] | None = None) -> str:
 
 
 if __name__ == "__main__":
-    run_cli(cli)
+    run_cli(lambda: main(validate_args(FLAGS)))

@@ -19,7 +19,6 @@ separately the first read of a shard, when its check runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -233,7 +232,7 @@ def storage_error(folder: str) -> list[dict]:
 
 
 def main(argv=None) -> None:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--latents", default=None, help="A latents folder to time; default: a synthetic one.")
     p.add_argument("--num_samples", type=int, default=16384, help="Size of the synthetic folder.")
     p.add_argument("--latent_size", type=int, default=32, help="32 for ImageNet 256, 64 for 512.")
@@ -283,7 +282,7 @@ def main(argv=None) -> None:
 
         dtype = getattr(torch, args.vae_dtype)
         if args.vae:
-            vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=dtype)
+            vae = AutoencoderKL.from_pretrained(args.vae, dtype=dtype)
         else:
             torch.manual_seed(0)
             vae = AutoencoderKL(**SD_VAE_CONFIG)

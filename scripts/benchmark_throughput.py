@@ -53,7 +53,7 @@ def _on_off(text: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--model", default="XL/2", help="DiT preset, e.g. XL/2 or DiT-XL/2 (default XL/2).")
     p.add_argument("--resolution", type=int, default=256, help="Image side; the latent side is resolution / 8.")
     p.add_argument("--batch_size", type=_list(int), default=[32], help="Per-device batch (a list with --sweep).")

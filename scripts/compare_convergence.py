@@ -27,6 +27,7 @@ second call skips finished runs and resumes unfinished ones from their last chec
 """
 
 import argparse
+import importlib.util
 import os
 import shlex
 import sys
@@ -46,7 +47,7 @@ from speedit_scheduler.training.engine import COMPILE_MODES
 
 def parse_args(argv=None):
     defaults = ComparisonConfig()
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument(
         "--presets",
         nargs="+",
@@ -141,6 +142,8 @@ def parse_args(argv=None):
         p.error(f"--trainer {args.trainer!r} does not exist: give the path of train_dit.py.")
     if args.metric == "classifier" and os.path.isdir(args.train_data):
         p.error("a latents folder has no pixels for the classifier metric: use --metric fid --reference_batch REF.npz.")
+    if importlib.util.find_spec("matplotlib") is None:
+        p.error("the convergence plot needs matplotlib: pip install -e '.[plots]'.")
     return args
 
 

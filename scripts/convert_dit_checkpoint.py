@@ -16,15 +16,7 @@ import os
 import re
 
 from speedit_scheduler.cli import ArgumentParser, UserError, check_free_space, check_writable_folder, run_cli
-from speedit_scheduler.scheduling_speedit import PRESETS
-from speedit_scheduler.tools.conversion import (
-    DTYPES,
-    check_output_dir,
-    convert_dit_checkpoint,
-    describe_conversion,
-    format_difference_table,
-)
-from speedit_scheduler.training.hub import check_hub_access, push_folder_to_hub, resolve_hub_token, write_model_card
+from speedit_scheduler.options import DTYPE_NAMES, PRESETS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=list(PRESETS),
         help="training-scheduler preset to record: uniform for DiT, speed / speedit-v1 for SpeeDiT",
     )
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="dtype of the saved weights")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_NAMES, help="dtype of the saved weights")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty --output_dir")
     p.add_argument(
         "--num_attention_heads",
@@ -58,15 +50,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="compare the converted model with a reference original forward pass and print the table",
     )
-    p.add_argument("--push_to_hub", action="store_true")
-    p.add_argument("--hub_model_id", default=None)
-    p.add_argument("--hub_token", default=None)
-    p.add_argument("--hub_private_repo", action="store_true")
+    p.add_argument("--push_to_hub", action="store_true", help="Upload the converted folder (verified).")
+    p.add_argument("--hub_model_id", default=None, help="The repo to push to, e.g. your-name/dit-xl-2-256.")
+    p.add_argument("--hub_token", default=None, help="Default: HF_TOKEN or the `hf auth login` token.")
+    p.add_argument("--hub_private_repo", action="store_true", help="Create the repo as private.")
     return p.parse_args(argv)
 
 
+if __name__ == "__main__":
+    ARGS = run_cli(parse_args)  # before torch is imported: --help and argparse's errors return at once
+
+# ruff: noqa: E402 (the imports below are heavy: they load after the flags are parsed)
+from speedit_scheduler.tools.conversion import (
+    check_output_dir,
+    convert_dit_checkpoint,
+    describe_conversion,
+    format_difference_table,
+)
+from speedit_scheduler.training.hub import check_hub_access, push_folder_to_hub, resolve_hub_token, write_model_card
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Convert, verify if asked, push if asked; every cheap check first."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         convert(args)
@@ -131,4 +140,4 @@ def convert(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(run, ARGS)

@@ -20,24 +20,12 @@ download (not with HF_HUB_OFFLINE=1). See docs/evaluation.md.
 import argparse
 import json
 
-import torch
-
-from speedit_scheduler.cli import ArgumentParser, UserError, run_cli
-from speedit_scheduler.evaluation.inception import resolve_inception_weights
-from speedit_scheduler.evaluation.metrics import (
-    ADM_IS_SPLIT_SIZE,
-    ADM_NEAREST_K,
-    ImageNpz,
-    InceptionMetrics,
-    check_sample_counts,
-    evaluate_npz,
-    load_images,
-    write_reference_batch,
-)
+from speedit_scheduler.cli import ArgumentParser, UserError, check_device, run_cli
+from speedit_scheduler.options import ADM_IS_SPLIT_SIZE, ADM_NEAREST_K
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("ref_batch", nargs="?", help="Reference batch .npz (arr_0, optional mu/sigma/mu_s/sigma_s).")
     p.add_argument("sample_batch", nargs="?", help="Sample batch .npz (arr_0: uint8 N x H x W x 3).")
     p.add_argument("--inception_weights", default=None, help="Path to weights-inception-2015-12-05-6726825d.pth.")
@@ -76,9 +64,22 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error("--no_statistics only applies with --make_reference.")
     if args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size} must be >= 1.")
-    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
-        p.error(f"--device {args.device} but CUDA is not available here; use --device cpu.")
     return args
+
+
+if __name__ == "__main__":
+    ARGS = run_cli(parse_args)  # before torch is imported: --help and argparse's errors return at once
+
+# ruff: noqa: E402 (the imports below are heavy: they load after the flags are parsed)
+from speedit_scheduler.evaluation.inception import resolve_inception_weights
+from speedit_scheduler.evaluation.metrics import (
+    ImageNpz,
+    InceptionMetrics,
+    check_sample_counts,
+    evaluate_npz,
+    load_images,
+    write_reference_batch,
+)
 
 
 def make_reference(args: argparse.Namespace) -> None:
@@ -123,7 +124,12 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Evaluate a sample batch, or write a reference batch."""
+    check_device(args.device)
     try:
         make_reference(args) if args.make_reference is not None else evaluate(args)
     except (ValueError, FileNotFoundError) as error:  # user input: one line, no traceback
@@ -131,4 +137,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(run, ARGS)

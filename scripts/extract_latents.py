@@ -18,29 +18,32 @@ import argparse
 import os
 
 from speedit_scheduler.cli import ArgumentParser, UserError, check_free_space, check_writable_folder, run_cli
-from speedit_scheduler.data.extraction import dataset_source, extract_latents, folder_source
-from speedit_scheduler.data.latents import STORAGE_DTYPES
-
-VAE_DTYPES = ("float32", "float16", "bfloat16")
+from speedit_scheduler.options import DTYPE_NAMES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input_dir", help="A folder with one subfolder of images per class (ImageNet's train/).")
     source.add_argument(
         "--dataset_name", help="A `datasets` image dataset: a Hub id, or 'imagefolder' with --data_dir."
     )
-    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--dataset_config_name", default=None, help="The `datasets` config name, if it has several.")
     p.add_argument("--data_dir", default=None, help="data_dir for --dataset_name (e.g. the folder of 'imagefolder').")
-    p.add_argument("--split", default="train")
-    p.add_argument("--image_column", default="image")
-    p.add_argument("--label_column", default="label")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--split", default="train", help="The `datasets` split to encode.")
+    p.add_argument("--image_column", default="image", help="The `datasets` column of the images.")
+    p.add_argument("--label_column", default="label", help="The `datasets` column of the integer class labels.")
+    p.add_argument("--output_dir", required=True, help="The latents folder to write (or to resume).")
     p.add_argument("--resolution", type=int, default=256, help="Crop size in pixels (DiT: 256 or 512).")
-    p.add_argument("--pretrained_vae_model_name_or_path", "--vae", dest="vae", default="stabilityai/sd-vae-ft-ema")
-    p.add_argument("--vae_dtype", choices=VAE_DTYPES, default=None, help="Default: bfloat16 on GPU, float32 on CPU.")
-    p.add_argument("--dtype", choices=sorted(STORAGE_DTYPES), default="float32", help="Storage dtype of the moments.")
+    p.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        "--vae",
+        dest="vae",
+        default="stabilityai/sd-vae-ft-ema",
+        help="The AutoencoderKL (Hub id or folder) that encodes; recorded in the folder for training.",
+    )
+    p.add_argument("--vae_dtype", choices=DTYPE_NAMES, default=None, help="Default: bfloat16 on GPU, float32 on CPU.")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="Storage dtype of the moments.")
     p.add_argument("--no_flip", action="store_true", help="Do not store the mirror image's latents.")
     p.add_argument("--batch_size", type=int, default=64, help="Images per VAE forward pass (x2 with flips).")
     p.add_argument("--shard_size", type=int, default=4096, help="Images per shard file.")
@@ -65,11 +68,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+if __name__ == "__main__":
+    ARGS = run_cli(parse_args)  # before torch is imported: --help and argparse's errors return at once
+
+# ruff: noqa: E402 (the imports below are heavy: they load after the flags are parsed)
+import torch
+from accelerate import Accelerator
+from diffusers import AutoencoderKL
+
+from speedit_scheduler.data.extraction import dataset_source, extract_latents, folder_source
+
+
 def main(argv=None) -> None:
-    args = parse_args(argv)
-    import torch
-    from accelerate import Accelerator
-    from diffusers import AutoencoderKL
+    extract(parse_args(argv))
+
+
+def extract(args: argparse.Namespace) -> None:
+    """Images -> a latents folder, every check before the VAE loads."""
 
     try:
         if args.input_dir is not None:
@@ -98,7 +113,7 @@ def main(argv=None) -> None:
     if accelerator.device.type == "cpu" and vae_dtype == "float16":
         raise UserError("--vae_dtype float16 needs a GPU; use float32 or bfloat16 on the CPU.")
     try:
-        vae = AutoencoderKL.from_pretrained(args.vae, torch_dtype=getattr(torch, vae_dtype))
+        vae = AutoencoderKL.from_pretrained(args.vae, dtype=getattr(torch, vae_dtype))
     except (OSError, ValueError) as error:
         missing = not os.path.exists(args.vae)
         reason = "no such folder, and offline or not on the Hub" if missing else type(error).__name__
@@ -136,4 +151,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(extract, ARGS)

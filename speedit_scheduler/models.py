@@ -11,15 +11,9 @@ from diffusers import DiTTransformer2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
+from .options import DIT_PATCH_SIZES, DIT_PRESETS, DIT_SIZES  # noqa: F401 (DIT_PRESETS is re-exported)
+
 # name -> (depth, hidden size, heads), from the DiT paper (Peebles & Xie 2023, Table 1).
-DIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "XL": (28, 1152, 16),
-    "L": (24, 1024, 16),
-    "B": (12, 768, 12),
-    "S": (12, 384, 6),
-}
-DIT_PATCH_SIZES = (2, 4, 8)
-DIT_PRESETS = tuple(f"{size}/{patch}" for size in DIT_SIZES for patch in DIT_PATCH_SIZES)
 # Parameter counts the DiT paper reports (Table 1 and Table 4) for the shared-embedder original.
 DIT_PAPER_PARAMS_M = {"XL": 675, "L": 458, "B": 130, "S": 33}
 

@@ -14,29 +14,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler, rescale_zero_terminal_snr
 
-TimestepSampling = Literal["uniform", "speed", "speedit-v1", "logit-normal"]
-LossWeighting = Literal["none", "speed", "p2", "min-snr"]
-
-TIMESTEP_SAMPLINGS: tuple[str, ...] = get_args(TimestepSampling)
-LOSS_WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
-
-# Named recipes: a sampling and a weighting that belong together. `speed` and `speedit-v1` are
-# the two published variants and are kept exactly as published (odd dual split, weight jump at tau).
-PRESETS: dict[str, dict] = {
-    "uniform": {"timestep_sampling": "uniform", "loss_weighting": "none"},
-    "speed": {"timestep_sampling": "speed", "loss_weighting": "speed"},
-    "speedit-v1": {"timestep_sampling": "speedit-v1", "loss_weighting": "p2", "p2_k": 1.0, "p2_gamma": 1.0},
-    "min-snr": {"timestep_sampling": "uniform", "loss_weighting": "min-snr"},
-    "p2": {"timestep_sampling": "uniform", "loss_weighting": "p2"},
-    "logit-normal": {"timestep_sampling": "logit-normal", "loss_weighting": "none"},
-}
+from .options import LOSS_WEIGHTINGS, PRESETS, TIMESTEP_SAMPLINGS, LossWeighting, TimestepSampling  # noqa: F401
 
 # The published threshold on the slope of sqrt(1 - abar) is per step of a T = 1000 process.
 _REFERENCE_NUM_STEPS = 1000

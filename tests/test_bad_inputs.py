@@ -41,14 +41,14 @@ CASES = {
     # train_dit.py: flags
     "train: no data": (T, ["--output_dir", "{tmp}/out"], "--train_data is required"),
     "train: no output": (T, ["--train_data", "digits"], "--output_dir is required"),
-    "train: unknown preset": (T, [*TINY, *TRAIN, "--model", "XXL/2"], "--model 'XXL/2' is unknown"),
+    "train: unknown preset": (T, [*TINY, *TRAIN, "--model", "XXL/2"], "--model: invalid choice: 'XXL/2'"),
     "train: zero width": (T, [*TINY, *TRAIN, "--hidden_size", "0"], "--hidden_size 0 must be at least 1"),
     "train: zero depth": (T, [*TINY, *TRAIN, "--num_layers", "0"], "--num_layers 0 must be at least 1"),
     "train: heads do not divide": (
         T, [*TINY, *TRAIN, "--hidden_size", "100", "--num_attention_heads", "3"], "not divisible by num_attention_heads"
     ),
     "train: unknown LR schedule": (
-        T, [*TINY, *TRAIN, "--lr_scheduler", "bogus"], "--lr_scheduler 'bogus' is unknown: choose one of linear, cosine"
+        T, [*TINY, *TRAIN, "--lr_scheduler", "bogus"], "invalid choice: 'bogus' (choose from 'linear'"
     ),
     "train: negative warm-up": (T, [*TINY, *TRAIN, "--lr_warmup_steps", "-5"], "--lr_warmup_steps -5 must be"),
     "train: negative guidance": (
@@ -62,7 +62,7 @@ CASES = {
     "train: Adam beta 1": (T, [*TINY, *TRAIN, "--adam_beta2", "1.0"], "--adam_beta2 1.0 must lie in [0, 1)"),
     "train: label dropout 1.5": (T, [*TINY, *TRAIN, "--class_dropout_prob", "1.5"], "must lie in [0, 1)"),
     "train: SpeeD tau out of range": (T, [*TINY, *TRAIN, "--speed_tau", "700"], "speed_tau=700.0 is out of range"),
-    "train: unknown tracker": (T, [*TINY, *TRAIN, "--report_to", "mlflowx"], "--report_to 'mlflowx' is unknown"),
+    "train: unknown tracker": (T, [*TINY, *TRAIN, "--report_to", "mlflowx"], "invalid choice: 'mlflowx'"),
     "train: fp16 without a GPU": (T, [*TINY, *TRAIN, "--mixed_precision", "fp16"], "needs a CUDA GPU"),
     "train: a flag that is not one": (T, [*TINY, *TRAIN, "--learning_rat", "1"], "unrecognized arguments"),
     "train: a number that is not one": (T, [*TINY, *TRAIN, "--train_batch_size", "many"], "invalid int value: 'many'"),

@@ -280,7 +280,7 @@ def test_unknown_name_is_one_line_with_suggestions(pixel_dir, tmp_path, monkeypa
     "args,message",
     [
         (["--class_labels", "5", "--output", "g.png"], "class label 5 is out of range: the model has classes 0 to 4"),
-        (["--class_labels", "1", "--output", "g.png", "--scheduler", "fast"], "--scheduler 'fast' is unknown"),
+        (["--class_labels", "1", "--output", "g.png", "--scheduler", "fast"], "--scheduler: invalid choice: 'fast'"),
         (["--class_labels", "1", "--output", "g.png", "--guidance_scale", "0.5"], "--guidance_scale 0.5 must be >= 1"),
         (["--class_labels", "1"], "give --output grid.png and/or --output_dir"),
         (["--class_labels", "1", "--output", "g.png", "--num_samples", "4"], "exclude each other"),

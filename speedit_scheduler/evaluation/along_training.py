@@ -21,6 +21,7 @@ import torch
 
 from ..data import ClassConditionalDataset, TrainingDataset
 from ..losses import TimestepQuartileLoss
+from ..options import EVALUATION_METRICS, METRIC_KEYS  # noqa: F401 (re-exported)
 from ..pipeline_speedit import SpeeDiTPipeline, training_sampler
 from ..scheduling_speedit import SpeeDiTScheduler
 from ..utils import atomic_write, seeded_generator
@@ -28,8 +29,6 @@ from .metrics import FIDMetric, ReferenceClassifier
 
 EVALUATION_FILE = "evaluations.jsonl"
 # what each metric records, the first being the one the comparison's speed-ups are read from
-METRIC_KEYS = {"classifier": ["frechet_distance", "accuracy"], "fid": ["fid", "sfid", "is", "precision", "recall"]}
-EVALUATION_METRICS = tuple(METRIC_KEYS)
 
 
 class ClassifierMetric:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..data.datasets import load_npz_arrays
 from ..data.extraction import IMAGE_EXTENSIONS, center_crop_arr
+from ..options import ADM_IS_SPLIT_SIZE, ADM_NEAREST_K  # noqa: F401 (re-exported)
 from ..utils import atomic_write
 from .inception import POOL_DIM, SPATIAL_DIM, InceptionV3FID, load_inception
 
@@ -75,8 +76,6 @@ class ReferenceClassifier:
 # evaluations/evaluator.py, restated in PyTorch on the FID Inception of `inception.py`).
 # ---------------------------------------------------------------------------------------------
 
-ADM_IS_SPLIT_SIZE = 5000  # ADM scores 50k samples in 10 splits of 5000
-ADM_NEAREST_K = 3  # Kynkaanniemi et al. / ADM neighbourhood size
 METRIC_NAMES = ("is", "fid", "sfid", "precision", "recall")
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..losses import DiTLoss, TimestepQuartileLoss
 from ..models import drop_labels
+from ..options import COMPILE_MODES  # noqa: F401 (re-exported)
 from ..scheduling_speedit import SpeeDiTScheduler
 from ..utils import seeded_generator
 
@@ -81,7 +82,6 @@ def training_step_loss(
     return TrainingStepOutput(loss=out.loss, mse=out.mse.detach(), timesteps=timesteps)
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_compile_mode(mode: str | None, backend: str = "inductor") -> None:

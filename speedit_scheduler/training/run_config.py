@@ -25,7 +25,6 @@ NOISE_SCHEDULER_FLAGS = (
     "speed_k",
     "speed_tau",
     "speed_lambda",
-    "min_snr_gamma",
     "p2_k",
     "p2_gamma",
 )
@@ -42,6 +41,7 @@ STATE_SHAPING = (
     "learn_sigma",
     "speedit",
     *NOISE_SCHEDULER_FLAGS,
+    "snr_gamma",
     "dual_sampling",
     "train_batch_size",
     "gradient_accumulation_steps",
