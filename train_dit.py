@@ -35,6 +35,8 @@ from speedit_scheduler.options import (
 )
 
 PUSH_SNAPSHOT_PREFIX = ".hub-push-step-"  # the pipeline at a checkpoint, while it uploads
+# The flags that shape a new model; a pretrained one brings its own.
+ARCHITECTURE_FLAGS = ("model", "num_layers", "hidden_size", "num_attention_heads", "learn_sigma")
 
 # What `--demo` sets unless given explicitly: a DiT small enough to train on 2 CPU cores in
 # minutes on the 8x8 digits, whose samples a digit classifier recognises.
@@ -78,6 +80,14 @@ def build_parser() -> ArgumentParser:
         help="VAE of latent data, saved in the pipeline. Default: the one the latents folder was extracted with.",
     )
     model = p.add_argument_group("model")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="Start from this DiT instead of a new one: a pipeline folder (an export, a converted original "
+        "checkpoint), a transformer folder, a checkpoint-N folder or a Hub id. Its weights start the model and "
+        "its EMA; its architecture replaces --model and the size flags.",
+    )
+    model.add_argument("--revision", default=None, help="Hub revision of --pretrained_model_name_or_path.")
     model.add_argument("--model", default="XL/2", choices=DIT_PRESETS, metavar="PRESET",
                        help=f"DiT preset, one of {', '.join(DIT_PRESETS)}.")  # fmt: skip
     model.add_argument("--num_layers", type=int, default=None, help="Override the preset's depth.")
@@ -181,8 +191,9 @@ def build_parser() -> ArgumentParser:
 def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
     """The flags as given, with --demo's defaults filled in; argparse's checks only (no torch)."""
     args = build_parser().parse_args(argv)
+    explicit = {a.lstrip("-").split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a[:2] == "--"}
+    args.explicit_flags = sorted(explicit)
     if args.demo:
-        explicit = {a.lstrip("-").split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in DEMO_DEFAULTS.items():
             if key not in explicit:
                 setattr(args, key, value)
@@ -236,6 +247,7 @@ from speedit_scheduler.training.hub import (
     resolve_hub_token,
     write_model_card,
 )
+from speedit_scheduler.training.pretrained import check_pretrained_fits, load_pretrained_dit, locate_pretrained_dit
 from speedit_scheduler.training.run_config import (
     NOISE_SCHEDULER_FLAGS,
     STATE_SHAPING,
@@ -315,6 +327,16 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         )
     if os.path.isabs(args.logging_dir) or ".." in args.logging_dir.split(os.sep):
         raise UserError(f"--logging_dir {args.logging_dir!r} must be a folder name inside --output_dir, like logs.")
+    if args.pretrained_model_name_or_path is not None:
+        given = [f"--{name}" for name in ARCHITECTURE_FLAGS if name in args.explicit_flags or
+                 (name == "learn_sigma" and "no-learn_sigma" in args.explicit_flags)]  # fmt: skip
+        if given:
+            raise UserError(
+                f"{given[0]} and --pretrained_model_name_or_path exclude each other: the pretrained model's "
+                "architecture is used; drop one."
+            )
+    elif args.revision is not None:
+        raise UserError("--revision goes with a Hub id in --pretrained_model_name_or_path; drop it.")
     try:  # the model's shape, before any data is read (the data's size is checked against it later)
         patch = int(args.model.split("/")[1])
         dit_config(args.model, sample_size=patch, num_layers=args.num_layers, hidden_size=args.hidden_size,
@@ -382,7 +404,7 @@ def build_noise_scheduler(args: argparse.Namespace) -> SpeeDiTScheduler:
 def training_config(args: argparse.Namespace, accelerator: Accelerator) -> dict:
     """The run's configuration as recorded in checkpoints, trackers and the model card: every
     flag given or defaulted (never the token, never a local path of this machine's output)."""
-    skip = {"hub_token", "demo", "output_dir", "resume_from_checkpoint"}
+    skip = {"hub_token", "demo", "output_dir", "resume_from_checkpoint", "explicit_flags"}
     config = {k: v for k, v in vars(args).items() if k not in skip and v is not None}
     config["mixed_precision"] = accelerator.mixed_precision
     config["num_processes"] = accelerator.num_processes
@@ -446,19 +468,26 @@ def main(args: argparse.Namespace) -> str:
 
     # Data and model: every check that can fail does so before training starts.
     try:
+        pretrained = None
+        if args.pretrained_model_name_or_path is not None:  # fine-tuning: found (or downloaded) before the data
+            pretrained = locate_pretrained_dit(args.pretrained_model_name_or_path, args.revision)
         dataset = load_training_data(args.train_data, args.resolution)
         channels, size, _ = dataset.sample_shape
-        model = create_dit(
-            args.model,
-            seed=args.seed,
-            sample_size=size,
-            in_channels=channels,
-            num_classes=dataset.num_classes,
-            learn_sigma=args.learn_sigma,
-            num_layers=args.num_layers,
-            hidden_size=args.hidden_size,
-            num_attention_heads=args.num_attention_heads,
-        )
+        if pretrained is not None:
+            model = load_pretrained_dit(pretrained)
+            check_pretrained_fits(model, pretrained.name_or_path, dataset.sample_shape, dataset.num_classes)
+        else:
+            model = create_dit(
+                args.model,
+                seed=args.seed,
+                sample_size=size,
+                in_channels=channels,
+                num_classes=dataset.num_classes,
+                learn_sigma=args.learn_sigma,
+                num_layers=args.num_layers,
+                hidden_size=args.hidden_size,
+                num_attention_heads=args.num_attention_heads,
+            )
         dataset.check_model_fits(model.config.sample_size, model.config.in_channels, model.config.num_embeds_ada_norm)
     except ValueError as error:  # the data and the model: one line naming the file or value
         raise UserError(str(error)) from None
@@ -473,7 +502,7 @@ def main(args: argparse.Namespace) -> str:
         model.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
-    vae, vae_path = load_vae(args, dataset)
+    vae, vae_path = load_vae(args, dataset, pretrained.vae_folder if pretrained is not None else None)
 
     # SpeeD lives in the noise scheduler: it draws each batch's timesteps and their loss weights.
     noise_scheduler = build_noise_scheduler(args)
@@ -639,13 +668,14 @@ def main(args: argparse.Namespace) -> str:
     return args.output_dir
 
 
-def load_vae(args: argparse.Namespace, dataset) -> tuple[AutoencoderKL | None, str | None]:
+def load_vae(args: argparse.Namespace, dataset, pretrained_vae: str | None = None) -> tuple:
     """The VAE that decodes latent data (None for pixel data) and its name or path. A latents
-    folder records which VAE made it; `--pretrained_vae_model_name_or_path` overrides it."""
+    folder records which VAE made it; else a pretrained pipeline's VAE, else SD's;
+    `--pretrained_vae_model_name_or_path` overrides them."""
     if not dataset.latent:
         return None, None
     recorded = getattr(dataset, "vae_name_or_path", None)
-    vae_path = args.pretrained_vae_model_name_or_path or recorded or "stabilityai/sd-vae-ft-ema"
+    vae_path = args.pretrained_vae_model_name_or_path or recorded or pretrained_vae or "stabilityai/sd-vae-ft-ema"
     if recorded is not None and vae_path != recorded:
         logger.warning(f"the latents were extracted with the VAE {recorded!r}, but {vae_path!r} will decode them.")
     return AutoencoderKL.from_pretrained(vae_path), vae_path

@@ -34,6 +34,8 @@ STATE_SHAPING = (
     "data",  # a fingerprint of the training data (see `dataset_fingerprint`), not its path
     "resolution",
     "pretrained_vae_model_name_or_path",
+    "pretrained_model_name_or_path",
+    "revision",
     "model",
     "num_layers",
     "hidden_size",
