@@ -85,6 +85,7 @@ import torch
 from speedit_scheduler.data.class_names import resolve_class_labels, short_label
 from speedit_scheduler.evaluation.grids import labelled_grid
 from speedit_scheduler.evaluation.mass_sampling import ShardPlan, to_uint8, weights_fingerprint
+from speedit_scheduler.models import load_timestep_sinusoid
 from speedit_scheduler.training.checkpoints import (
     checkpoint_transformer_folder,
     is_training_checkpoint,
@@ -256,6 +257,9 @@ def load_sampler(args: argparse.Namespace, meta: dict, device: torch.device, fol
         pipe = SpeeDiTPipeline.from_pretrained(folder, dtype=dtype)
     else:
         pipe = DiffusionPipeline.from_pretrained(folder, dtype=dtype)
+    # a converted original checkpoint's timestep sinusoid, which stock diffusers ignores
+    load_timestep_sinusoid(pipe.transformer, checkpoint_transformer_folder(folder) if meta.get("checkpoint")
+                           else os.path.join(folder, "transformer"))  # fmt: skip
     kwargs = {}
     if args.sampler == "faithful":
         if not isinstance(pipe, SpeeDiTPipeline):

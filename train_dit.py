@@ -228,6 +228,9 @@ from speedit_scheduler.models import (
     disable_internal_label_dropout,
     dit_config,
     null_class_label,
+    save_timestep_sinusoid,
+    set_timestep_freq_shift,
+    timestep_freq_shift,
 )
 from speedit_scheduler.pipeline_speedit import training_sampler
 from speedit_scheduler.training.checkpoints import (
@@ -728,6 +731,7 @@ def ema_weights_model(accelerator: Accelerator, model, ema) -> DiTTransformer2DM
     """A standalone copy of the transformer holding the EMA weights (or the raw ones without EMA)."""
     unwrapped = accelerator.unwrap_model(model)
     copy = DiTTransformer2DModel.from_config(unwrapped.config).to(accelerator.device)
+    set_timestep_freq_shift(copy, timestep_freq_shift(unwrapped))  # a converted original's sinusoid stays
     if ema is not None:
         ema.copy_to(copy.parameters())
     else:
@@ -775,6 +779,7 @@ def export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, r
         transformer = ema_weights_model(accelerator, model, ema).to("cpu")
         pipeline = build_pipeline(transformer, noise_scheduler, dataset.class_names, vae=vae)
         save_pipeline(pipeline, noise_scheduler, folder)
+        save_timestep_sinusoid(transformer, os.path.join(folder, "transformer"))  # a converted original's
         grid_name = None
         if grid is not None:
             grid_name = "samples.png"

@@ -119,7 +119,8 @@ def convert(args: argparse.Namespace) -> None:
         raise UserError(str(error)) from None
     print(describe_conversion(info))
     if rows is not None:
-        print("weight mapping verified exact (diffusers' sinusoid); |converted - original| with the original sinusoid:")
+        print("verified: the converted model gives the original's outputs to float rounding (in this project);")
+        print("|stock diffusers - original| (stock diffusers ignores the recorded sinusoid):")
         print(format_difference_table(rows))
     print(f"wrote {args.output_dir}")
 

@@ -4,6 +4,8 @@ the once-per-sample class-label dropout that classifier-free guidance needs."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
 
 import torch
@@ -12,6 +14,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .options import DIT_PATCH_SIZES, DIT_PRESETS, DIT_SIZES  # noqa: F401 (DIT_PRESETS is re-exported)
+from .utils import atomic_write_json
 
 # name -> (depth, hidden size, heads), from the DiT paper (Peebles & Xie 2023, Table 1).
 # Parameter counts the DiT paper reports (Table 1 and Table 4) for the shared-embedder original.
@@ -144,3 +147,52 @@ def drop_labels(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# the timestep sinusoid: diffusers' or the original DiT's
+# --------------------------------------------------------------------------------------------
+# diffusers' DiT embeds timesteps with frequencies 10000^(-i/127) (downscale_freq_shift=1) where
+# the original DiT uses 10000^(-i/128) (shift 0); the config cannot say so. A model converted from
+# an original checkpoint keeps the original sinusoid, recorded in this file beside its config.json,
+# which stock diffusers ignores (and so samples with its own sinusoid) and this project honours.
+TIMESTEP_SINUSOID_FILE = "timestep_sinusoid.json"
+DIFFUSERS_FREQ_SHIFT = 1
+ORIGINAL_FREQ_SHIFT = 0
+
+
+def timestep_freq_shift(model: DiTTransformer2DModel) -> float:
+    """The `downscale_freq_shift` of the model's timestep sinusoid (1: diffusers', 0: original DiT's)."""
+    return model.transformer_blocks[0].norm1.emb.time_proj.downscale_freq_shift
+
+
+def set_timestep_freq_shift(model: DiTTransformer2DModel, shift: float) -> DiTTransformer2DModel:
+    """Give every block's timestep embedder the sinusoid of `shift` (the weights are unchanged)."""
+    for block in model.transformer_blocks:
+        block.norm1.emb.time_proj.downscale_freq_shift = shift
+    return model
+
+
+def save_timestep_sinusoid(model: DiTTransformer2DModel, folder: str) -> None:
+    """Record a non-diffusers sinusoid beside the model's config.json (and nothing otherwise)."""
+    path = os.path.join(folder, TIMESTEP_SINUSOID_FILE)
+    shift = timestep_freq_shift(model)
+    if shift == DIFFUSERS_FREQ_SHIFT:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    atomic_write_json(path, {"downscale_freq_shift": shift, "frequencies": f"10000^(-i/(128 - {shift}))"})
+
+
+def load_timestep_sinusoid(model: DiTTransformer2DModel, folder: str) -> DiTTransformer2DModel:
+    """Apply the sinusoid a folder records (a converted original checkpoint's), if any."""
+    path = os.path.join(folder, TIMESTEP_SINUSOID_FILE)
+    if os.path.isfile(path):
+        with open(path) as f:
+            set_timestep_freq_shift(model, json.load(f)["downscale_freq_shift"])
+    return model
+
+
+def load_dit(folder: str, **kwargs) -> DiTTransformer2DModel:
+    """`DiTTransformer2DModel.from_pretrained(folder)` with the timestep sinusoid the folder records."""
+    return load_timestep_sinusoid(DiTTransformer2DModel.from_pretrained(folder, **kwargs), folder)

@@ -35,7 +35,15 @@ from accelerate import init_empty_weights
 from diffusers import AutoencoderKL, DiTTransformer2DModel
 
 from ..data.class_names import imagenet_class_names
-from ..models import DIT_PATCH_SIZES, DIT_SIZES, dit_config
+from ..models import (
+    DIFFUSERS_FREQ_SHIFT,
+    DIT_PATCH_SIZES,
+    DIT_SIZES,
+    ORIGINAL_FREQ_SHIFT,
+    dit_config,
+    save_timestep_sinusoid,
+    set_timestep_freq_shift,
+)
 from ..pipeline_speedit import training_sampler
 from ..scheduling_speedit import PRESETS, SpeeDiTScheduler
 from ..training.export import build_pipeline, inference_scheduler, save_pipeline
@@ -449,6 +457,7 @@ def load_dit_checkpoint(
     if num_classes is None and isinstance(args.get("num_classes"), int):
         num_classes = args["num_classes"]
     model, info = convert_dit_state_dict(state_dict, num_attention_heads=num_attention_heads, num_classes=num_classes)
+    set_timestep_freq_shift(model, ORIGINAL_FREQ_SHIFT)  # the original's sinusoid: exact outputs in this project
     info.source = source
     info.checkpoint_args = {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))}
     return model, info, state_dict
@@ -658,6 +667,7 @@ def export_pipeline(
     vae = vae.to(DTYPES[dtype])
     pipeline = build_pipeline(model, training_scheduler, names, vae=vae)
     save_pipeline(pipeline, training_scheduler, output_dir)
+    save_timestep_sinusoid(model, os.path.join(output_dir, "transformer"))  # honoured here, ignored by stock
     return pipeline
 
 
@@ -673,8 +683,9 @@ def describe_conversion(info: ConversionInfo) -> str:
         f"{cfg['patch_size']}, {cfg['sample_size']}x{cfg['sample_size']} latents ({image}x{image} images through "
         f"an SD VAE), learn_sigma={info.learn_sigma}, {info.num_classes} classes",
         f"pos_embed: max |stored - diffusers' sin-cos table| = {info.pos_embed_max_abs_diff:.3g}",
-        f"norm_eps: {cfg['norm_eps']:g} (DiT's); the timestep sinusoid keeps diffusers' 10000^(-i/127) frequencies "
-        "(the original uses 10000^(-i/128); see docs/conversion.md)",
+        f"norm_eps: {cfg['norm_eps']:g} (DiT's); the timestep sinusoid is the original's 10000^(-i/128), recorded in "
+        "transformer/timestep_sinusoid.json (stock diffusers ignores it and uses 10000^(-i/127); see "
+        "docs/conversion.md)",
     ]
     if info.added_null_class:
         lines.append("label table had no null-class row: a zero row was added; guidance is not meaningful")
@@ -697,8 +708,9 @@ def convert_dit_checkpoint(
 
     Cheap checks (output folder, flags) run before the checkpoint and the VAE are read. With
     `verify`, the converted transformer is compared with the reference original forward pass
-    on random inputs (diffusers' sinusoid, so only the weight mapping is tested; raises if it is
-    not exact to float rounding) and the rows with the original sinusoid are returned.
+    on random inputs (raises if it is not exact to float rounding), and the rows of the stock
+    diffusers path (diffusers' sinusoid, as `DiffusionPipeline.from_pretrained` runs the folder)
+    against the original are returned.
     """
     check_output_dir(output_dir, overwrite)
     if dtype not in DTYPES:
@@ -708,14 +720,16 @@ def convert_dit_checkpoint(
     model, info, state_dict = load_dit_checkpoint(checkpoint, use_raw, num_attention_heads, num_classes)
     rows = None
     if verify:
-        mapping = compare_with_original(model, state_dict, sinusoid="diffusers")
+        mapping = compare_with_original(model, state_dict, sinusoid="original")
         worst = max(max(r["eps_max"], r["var_max"] or 0.0) / max(r["out_mean"], 1e-12) for r in mapping)
         if worst > 1e-4:
             raise RuntimeError(
-                f"the converted model differs from the original forward pass by {worst:.3g} (relative) even with "
-                "diffusers' timestep sinusoid: the weight mapping is wrong for this checkpoint; please report it."
+                f"the converted model differs from the original forward pass by {worst:.3g} (relative): the "
+                "weight mapping is wrong for this checkpoint; please report it."
             )
+        set_timestep_freq_shift(model, DIFFUSERS_FREQ_SHIFT)  # what stock diffusers runs
         rows = compare_with_original(model, state_dict, sinusoid="original")
+        set_timestep_freq_shift(model, ORIGINAL_FREQ_SHIFT)
     del state_dict
     pipeline = export_pipeline(model, load_vae(vae), output_dir, speedit_preset=speedit_preset, dtype=dtype)
     return pipeline, info, rows

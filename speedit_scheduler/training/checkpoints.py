@@ -22,6 +22,7 @@ from accelerate.utils.other import TORCH_SAFE_GLOBALS
 from diffusers import DiTTransformer2DModel
 
 from ..cli import UserError, check_free_space, format_size
+from ..models import save_timestep_sinusoid
 from ..utils import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -267,6 +268,7 @@ def save_ema_weights(model: torch.nn.Module, ema, folder: str) -> None:
     try:
         ema.copy_to(parameters)
         model.save_pretrained(folder, safe_serialization=True)
+        save_timestep_sinusoid(model, folder)
     finally:
         ema.restore(parameters)
     atomic_write_json(
@@ -294,6 +296,7 @@ def register_checkpoint_hooks(accelerator, ema=None) -> None:
             for model in models:
                 unwrapped = accelerator.unwrap_model(model)
                 unwrapped.save_pretrained(os.path.join(output_dir, TRANSFORMER_FOLDER), safe_serialization=True)
+                save_timestep_sinusoid(unwrapped, os.path.join(output_dir, TRANSFORMER_FOLDER))
                 if ema is not None:
                     save_ema_weights(unwrapped, ema, os.path.join(output_dir, EMA_FOLDER))
         while weights:  # saved above: accelerate writes no model.safetensors

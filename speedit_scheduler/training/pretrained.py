@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from diffusers import DiTTransformer2DModel
 from huggingface_hub import snapshot_download
 
+from ..models import load_dit
 from .checkpoints import checkpoint_transformer_folder, is_training_checkpoint
 
 # What a Hub repo must hold for fine-tuning: a pipeline's transformer (and its VAE), or a bare
@@ -69,7 +70,7 @@ def load_pretrained_dit(pretrained: PretrainedDiT) -> DiTTransformer2DModel:
         raise ValueError(
             f"{pretrained.name_or_path!r} holds a {config['_class_name']}, not a DiTTransformer2DModel: give a DiT."
         )
-    return DiTTransformer2DModel.from_pretrained(pretrained.transformer_folder)
+    return load_dit(pretrained.transformer_folder)  # with a converted original's timestep sinusoid
 
 
 def check_pretrained_fits(model: DiTTransformer2DModel, name: str, sample_shape: tuple, num_classes: int) -> None:
