@@ -91,7 +91,7 @@ from speedit_scheduler.training.checkpoints import (
     is_training_checkpoint,
     read_checkpoint_state,
 )
-from speedit_scheduler.training.export import pipeline_from_checkpoint
+from speedit_scheduler.training.export import exported_pipeline_class, pipeline_from_checkpoint, recorded_class_name
 
 
 def check_args(args: argparse.Namespace) -> str:
@@ -188,7 +188,7 @@ def read_metadata(path: str) -> dict:
         with open(os.path.join(checkpoint_transformer_folder(path), "config.json")) as f:
             transformer = json.load(f)
         index = {
-            "_class_name": "DiTPipeline" if state.get("vae") else "SpeeDiTPipeline",
+            "_class_name": exported_pipeline_class(bool(state.get("vae")), transformer["num_embeds_ada_norm"]),
             "id2label": dict(enumerate(state["class_names"])),
             "vae": ["diffusers", "AutoencoderKL"] if state.get("vae") else None,
         }
@@ -211,7 +211,7 @@ def output_size_per_sample(meta: dict) -> int:
 def metadata(index: dict, transformer: dict) -> dict:
     has_vae = bool(index.get("vae")) and index["vae"][0] is not None
     return {
-        "class_name": index.get("_class_name"),
+        "class_name": recorded_class_name(index),
         "id2label": {int(k): v for k, v in (index.get("id2label") or {}).items()},
         "num_classes": transformer["num_embeds_ada_norm"],
         "sample_size": transformer["sample_size"],
@@ -232,7 +232,9 @@ def check_model_args(args: argparse.Namespace, meta: dict) -> None:
     if args.sampler == "diffusers":
         if meta["class_name"] != "DiTPipeline":
             fail(
-                "--sampler diffusers runs stock DiTPipeline, which needs a latent (VAE) model: use --sampler faithful."
+                "--sampler diffusers runs stock DiTPipeline, which this model is not (stock DiTPipeline takes latent "
+                f"models of 1000 classes; this one has {meta['num_classes']}{'' if meta['latent'] else ', pixels'}): "
+                "use --sampler faithful."
             )
         if args.guidance_scale > 1 and meta["num_classes"] != 1000:
             fail(

@@ -792,6 +792,8 @@ def export(accelerator, model, ema, noise_scheduler, dataset, vae, args, step, r
             grid_name,
             latent=vae is not None,
             segments=record["segments"],
+            dataset="digits" if args.train_data == "digits" else None,
+            guidance_scale=args.validation_guidance_scale,
         )
     accelerator.wait_for_everyone()
 

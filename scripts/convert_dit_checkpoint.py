@@ -122,19 +122,26 @@ def convert(args: argparse.Namespace) -> None:
         print("verified: the converted model gives the original's outputs to float rounding (in this project);")
         print("|stock diffusers - original| (stock diffusers ignores the recorded sinusoid):")
         print(format_difference_table(rows))
+
+    stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
+    steps = int(stem) if re.fullmatch(r"\d+", stem) else "an unknown number of"  # DiT names them 0400000.pt
+    card_config = {
+        "converted_from": os.path.basename(args.checkpoint),
+        "weights": info.source,
+        "speedit": args.speedit,
+        "dtype": args.dtype,
+        **info.checkpoint_args,
+    }
+    if rows is not None:  # what --verify measured for the stock-diffusers path (its own sinusoid)
+        card_config["stock_diffusers_mean_relative_eps_difference"] = max(r["eps_mean"] / r["out_mean"] for r in rows)
+    # DiT's released weights are CC-BY-NC 4.0; the card says so unless the weights are the user's own.
+    write_model_card(
+        args.output_dir, args.hub_model_id, card_config, steps, None, latent=True, license="cc-by-nc-4.0",
+        dataset="imagenet-1k" if info.num_classes == 1000 else None,
+    )  # fmt: skip
     print(f"wrote {args.output_dir}")
 
     if args.push_to_hub:
-        stem = os.path.splitext(os.path.basename(args.checkpoint))[0]
-        steps = int(stem) if re.fullmatch(r"\d+", stem) else "an unknown number of"  # DiT names them 0400000.pt
-        card_config = {
-            "converted_from": os.path.basename(args.checkpoint),
-            "weights": info.source,
-            "speedit": args.speedit,
-            "dtype": args.dtype,
-            **info.checkpoint_args,
-        }
-        write_model_card(args.output_dir, args.hub_model_id, card_config, steps, None, latent=True)
         push_folder_to_hub(
             args.output_dir, args.hub_model_id, token, "Convert DiT checkpoint", private=args.hub_private_repo
         )

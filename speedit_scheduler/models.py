@@ -14,6 +14,7 @@ from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .options import DIT_PATCH_SIZES, DIT_PRESETS, DIT_SIZES  # noqa: F401 (DIT_PRESETS is re-exported)
+from .pipeline_speedit import TIMESTEP_SINUSOID_FILE  # noqa: F401 (re-exported)
 from .utils import atomic_write_json
 
 # name -> (depth, hidden size, heads), from the DiT paper (Peebles & Xie 2023, Table 1).
@@ -156,7 +157,6 @@ def count_parameters(model: nn.Module) -> int:
 # the original DiT uses 10000^(-i/128) (shift 0); the config cannot say so. A model converted from
 # an original checkpoint keeps the original sinusoid, recorded in this file beside its config.json,
 # which stock diffusers ignores (and so samples with its own sinusoid) and this project honours.
-TIMESTEP_SINUSOID_FILE = "timestep_sinusoid.json"
 DIFFUSERS_FREQ_SHIFT = 1
 ORIGINAL_FREQ_SHIFT = 0
 

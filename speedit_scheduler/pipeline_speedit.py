@@ -13,6 +13,8 @@ variance channels are then dropped, as stock `DiTPipeline` does.
 from __future__ import annotations
 
 import inspect
+import json
+import os
 
 import torch
 from diffusers import (
@@ -37,6 +39,10 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.utils.torch_utils import randn_tensor
 
 from .scheduling_speedit import float64_schedule
+
+# Beside a transformer's config.json: the timestep sinusoid of a converted original DiT (the
+# same name as models.TIMESTEP_SINUSOID_FILE; this module is also shipped alone in exports).
+TIMESTEP_SINUSOID_FILE = "timestep_sinusoid.json"
 
 # sampler name -> (scheduler class, config overrides). Every sampler is built from a noise
 # scheduler's config (the training scheduler's, or a loaded pipeline's), so it keeps the model's
@@ -166,6 +172,37 @@ class SpeeDiTPipeline(DiffusionPipeline):
         for key, names in id2label.items():
             for name in names.split(","):
                 self.labels[name.strip()] = key
+
+    @classmethod
+    def _dict_from_json_file(cls, json_file):
+        """A config file as diffusers reads it, with a custom pipeline's `[module, class]` name read as
+        a plain class name.
+
+        An export ships this module beside its components (`"_class_name": ["pipeline_speedit",
+        "SpeeDiTPipeline"]`) so that stock diffusers can load it. diffusers would then import the
+        folder's copy, and refuse without `trust_remote_code`, even when this class itself loads
+        the folder: read as a plain name, `SpeeDiTPipeline.from_pretrained` uses this class, as it
+        does for any other recorded name.
+        """
+        config = super()._dict_from_json_file(json_file)
+        if isinstance(config.get("_class_name"), (list, tuple)):
+            config["_class_name"] = config["_class_name"][-1]
+        return config
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "SpeeDiTPipeline":
+        """diffusers' `from_pretrained`, honouring the timestep sinusoid a converted original DiT
+        records in `transformer/timestep_sinusoid.json` (diffusers' model cannot be configured for
+        it): the converted model then gives the original's outputs."""
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = getattr(pipeline.transformer.config, "_name_or_path", None) or ""
+        recorded = os.path.join(folder, TIMESTEP_SINUSOID_FILE)
+        if os.path.isfile(recorded):
+            with open(recorded) as f:
+                shift = json.load(f)["downscale_freq_shift"]
+            for block in pipeline.transformer.transformer_blocks:
+                block.norm1.emb.time_proj.downscale_freq_shift = shift
+        return pipeline
 
     @classmethod
     def from_dit_pipeline(cls, pipeline: DiffusionPipeline, clip_sample: bool = False) -> "SpeeDiTPipeline":

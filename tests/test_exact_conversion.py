@@ -100,3 +100,10 @@ def test_a_model_trained_here_keeps_diffusers_sinusoid_and_writes_no_file(tmp_pa
     train_dit.main(train_dit.parse_args([*TINY_TRAIN_ARGS, "--output_dir", str(out), "--max_train_steps", "2"]))
     assert not (out / "transformer" / TIMESTEP_SINUSOID_FILE).exists()
     assert timestep_freq_shift(load_dit(str(out / "transformer"))) == 1
+
+
+def test_speedit_pipeline_honours_the_recorded_sinusoid(converted):
+    from speedit_scheduler import SpeeDiTPipeline
+
+    folder, _ = converted  # 10 classes: the folder ships SpeeDiTPipeline
+    assert timestep_freq_shift(SpeeDiTPipeline.from_pretrained(folder).transformer) == 0

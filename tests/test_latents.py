@@ -295,9 +295,8 @@ def test_latent_folder_checks(tmp_path):
 
 
 def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extracted, tmp_path):
-    from diffusers import DiffusionPipeline
-
     import train_dit
+    from speedit_scheduler import SpeeDiTPipeline
 
     out, _ = extracted
     argv = [
@@ -320,11 +319,9 @@ def test_train_dit_trains_from_a_latents_folder_and_exports_with_its_vae(extract
         str(tmp_path / "model"),
     ]
     train_dit.main(train_dit.parse_args(argv))  # in this process: the test is about the data, not the launch
-    pipe = DiffusionPipeline.from_pretrained(tmp_path / "model")
-    assert type(pipe).__name__ == "DiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
-    image = pipe(
-        class_labels=[1], guidance_scale=1.0, num_inference_steps=2, output_type="np"
-    ).images  # stock null class is 1000
+    pipe = SpeeDiTPipeline.from_pretrained(tmp_path / "model")  # 3 classes: the shipped pipeline, not stock's
+    assert type(pipe).__name__ == "SpeeDiTPipeline" and pipe.get_label_ids(["dog"]) == [1]
+    image = pipe(class_labels=[1], guidance_scale=2.0, num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 32, 32, 3)
 
 

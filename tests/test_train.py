@@ -246,7 +246,7 @@ def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path, run_
 
 
 def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
-    from diffusers import DiffusionPipeline, DiTPipeline
+    from speedit_scheduler import SpeeDiTPipeline
 
     rng = np.random.default_rng(0)
     np.savez(
@@ -280,8 +280,8 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
         ]
     )
     train_dit.main(args)
-    pipe = DiffusionPipeline.from_pretrained(out)  # stock diffusers, no project import needed
-    assert isinstance(pipe, DiTPipeline)
+    pipe = SpeeDiTPipeline.from_pretrained(out)  # 3 classes: the shipped pipeline (tests/test_stock_loading.py)
+    assert isinstance(pipe, SpeeDiTPipeline) and pipe.vae is not None
     assert pipe.get_label_ids(["dog", "fish"]) == [1, 2]
     images = pipe(class_labels=[0, 2], guidance_scale=1.0, num_inference_steps=2, output_type="np").images
     assert images.shape == (2, 16, 16, 3) and np.isfinite(images).all()
@@ -295,7 +295,7 @@ def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
     from speedit_scheduler.training.export import pipeline_from_checkpoint
 
     again = pipeline_from_checkpoint(os.path.join(out, "checkpoints", "checkpoint-2"))
-    assert isinstance(again, DiTPipeline) and again.get_label_ids(["dog"]) == [1]
+    assert isinstance(again, SpeeDiTPipeline) and again.get_label_ids(["dog"]) == [1]
     exported = pipe.transformer.state_dict()
     assert all(torch.equal(v, exported[k]) for k, v in again.transformer.state_dict().items())
     assert all(torch.equal(v, pipe.vae.state_dict()[k]) for k, v in again.vae.state_dict().items())

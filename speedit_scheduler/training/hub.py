@@ -10,6 +10,7 @@ that every file reached the Hub.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -25,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from diffusers.utils.hub_utils import MODEL_CARD_TEMPLATE_PATH, populate_model_card
 from huggingface_hub import (
     HfApi,
     ModelCard,
@@ -47,6 +47,10 @@ from huggingface_hub.errors import (
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
+from ..models import TIMESTEP_SINUSOID_FILE
+from ..options import DIT_SIZES
+from ..utils import atomic_write
+
 logger = logging.getLogger(__name__)
 
 # Training byproducts that live in the output folder but are not part of the pipeline.
@@ -65,49 +69,270 @@ def resolve_hub_token(token: str | None) -> str:
     return token
 
 
+# The Hub's task for these models. The Hub has no class-conditional task; it files class-conditional
+# ImageNet generators (MAR, IMM) under unconditional-image-generation, and text-to-image would
+# promise a text prompt these models do not take.
+PIPELINE_TAG = "unconditional-image-generation"
+# The model in the usage snippet of a card written without a Hub id: replace it by the folder's path.
+LOCAL_FOLDER_PLACEHOLDER = "path/to/this/folder"
+# Weights of DiT's authors (facebook/DiT-*) are CC-BY-NC 4.0, and so is what is fine-tuned from them.
+_NON_COMMERCIAL_BASES = re.compile(r"^facebook/DiT-", re.IGNORECASE)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MAX_LISTED_CLASSES = 32
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """What the card says about the pipeline folder it describes, as read from the folder."""
+
+    class_name: str | None  # "DiTPipeline", "SpeeDiTPipeline", or None for a folder without model_index.json
+    custom_code: bool  # ships its pipeline class (pipeline_speedit.py)
+    latent: bool | None
+    num_classes: int | None
+    id2label: dict[int, str]
+    scheduler: str | None
+    preset: str | None  # the DiT preset the transformer's shape is, e.g. "XL/2"
+    original_sinusoid: bool  # records the original DiT's timestep sinusoid, which stock diffusers ignores
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _read_folder(output_dir: str) -> _Folder:
+    index = _read_json(os.path.join(output_dir, "model_index.json"))
+    transformer = _read_json(os.path.join(output_dir, "transformer", "config.json"))
+    scheduler = _read_json(os.path.join(output_dir, "scheduler", "scheduler_config.json"))
+    name = index.get("_class_name")
+    custom = isinstance(name, (list, tuple)) and os.path.isfile(os.path.join(output_dir, f"{name[0]}.py"))
+    preset = None
+    if transformer:
+        heads = transformer.get("num_attention_heads") or 0
+        shape = (transformer.get("num_layers"), heads * transformer.get("attention_head_dim", 0), heads)
+        size = next((size for size, layout in DIT_SIZES.items() if tuple(layout) == shape), None)
+        preset = f"{size}/{transformer.get('patch_size')}" if size else None
+    vae = index.get("vae")
+    return _Folder(
+        class_name=name[-1] if isinstance(name, (list, tuple)) else name,
+        custom_code=custom,
+        latent=bool(vae and vae[0]) if index else None,
+        num_classes=transformer.get("num_embeds_ada_norm"),
+        id2label={int(k): str(v) for k, v in (index.get("id2label") or {}).items()},
+        scheduler=scheduler.get("_class_name"),
+        preset=preset,
+        original_sinusoid=os.path.isfile(os.path.join(output_dir, "transformer", TIMESTEP_SINUSOID_FILE)),
+    )
+
+
+def _is_local_path(value: str) -> bool:
+    """Whether a configuration value names a file or folder of this machine (never shown in a card)."""
+    return (
+        os.path.isabs(value)
+        or value.startswith(("~", "./", "../", ".\\", "..\\"))
+        or "\\" in value
+        or (not _HUB_ID.match(value) and os.sep in value)
+        or os.path.exists(value)
+    )
+
+
+def _cell(value) -> str:
+    """A configuration value as a Markdown table cell: numbers, booleans and lists as JSON (numbers
+    stay numbers), text as is, a local path as its last part only."""
+    if isinstance(value, str):
+        text = f"<local>/{os.path.basename(os.path.normpath(value))}" if _is_local_path(value) else value
+    else:
+        try:
+            text = json.dumps(value)
+        except TypeError:
+            text = str(value)
+    return "`" + text.replace("|", "\\|").replace("`", "'") + "`"
+
+
+def _preset_tag(preset: str) -> str:
+    """The Hub tag of a DiT preset: XL/2 (or DiT's own DiT-XL/2) -> dit-xl-2."""
+    name = re.sub(r"^dit-", "", preset.strip(), flags=re.IGNORECASE)
+    return "dit-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def _speedit_tag(speedit_preset: str) -> str:
+    """The Hub tag of a SpeeD recipe: speed -> speedit-speed, speedit-v1 stays speedit-v1."""
+    tag = re.sub(r"[^a-z0-9]+", "-", speedit_preset.lower()).strip("-")
+    return tag if tag.startswith("speedit") else f"speedit-{tag}"
+
+
+def usage_snippet(
+    repo: str, custom_code: bool, class_labels: list[int], guidance_scale: float, num_inference_steps: int
+) -> str:
+    """The Python that loads the pipeline with stock diffusers and saves one sample per class label:
+    what a card shows, runnable as written (with `repo` a local folder or a Hub id)."""
+    trust = ", trust_remote_code=True" if custom_code else ""
+    return (
+        "```python\n"
+        "import torch\n"
+        "from diffusers import DiffusionPipeline\n\n"
+        f'pipe = DiffusionPipeline.from_pretrained("{repo}"{trust})\n'
+        f"class_labels = {class_labels}\n"
+        "generator = torch.Generator().manual_seed(0)\n"
+        f"images = pipe(class_labels=class_labels, guidance_scale={guidance_scale!r}, "
+        f"num_inference_steps={num_inference_steps}, generator=generator).images\n"
+        "for label, image in zip(class_labels, images):\n"
+        '    image.save(f"sample_{label}.png")\n'
+        "```\n"
+    )
+
+
 def write_model_card(
     output_dir: str,
     hub_model_id: str | None,
     training_config: dict,
-    global_step: int,
+    global_step: int | str,
     grid_filename: str | None,
     latent: bool,
     segments: list[dict] | None = None,
+    *,
+    preset: str | None = None,
+    speedit_preset: str | None = None,
+    base_model: str | None = None,
+    dataset: str | None = None,
+    license: str | None = None,
+    trust_remote_code: bool | None = None,
+    num_classes: int | None = None,
+    guidance_scale: float = 4.0,
+    num_inference_steps: int | None = None,
 ) -> None:
-    """README.md with diffusers' model-card helpers: library_name, tags, config, steps, grid, and
-    the run's segments (the steps each set of changeable values was used for) when it has more
-    than one."""
-    loading = (
-        "```python\nfrom diffusers import DiffusionPipeline\n\n"
-        f'pipe = DiffusionPipeline.from_pretrained("{hub_model_id or output_dir}")\n'
-        "images = pipe(class_labels=[0, 1, 2], num_inference_steps=50).images\n```\n"
-        if latent
-        else "```python\nfrom speedit_scheduler import SpeeDiTPipeline\n\n"
-        f'pipe = SpeeDiTPipeline.from_pretrained("{hub_model_id or output_dir}")\n'
-        "images = pipe(class_labels=[0, 1, 2], num_inference_steps=100).images\n```\n"
+    """README.md of a pipeline folder: a Hub model card built with huggingface_hub's ModelCard.
+
+    Metadata: license, `library_name: diffusers`, `pipeline_tag` (`PIPELINE_TAG`), tags (dit, the
+    DiT preset such as dit-xl-2, speedit and the SpeeD recipe such as speedit-speed,
+    class-conditional, custom_code when the folder ships its pipeline), `base_model` and `datasets`
+    when given. Body: the sample grid, what the model is, a usage snippet that runs as written with
+    stock diffusers (the Hub id, or `LOCAL_FOLDER_PLACEHOLDER` to replace by the folder's path),
+    whether `trust_remote_code=True` is needed, the training configuration and the run's segments.
+    No local path appears: configuration values that name one show only their last part.
+
+    The pipeline class, whether it ships code, the number of classes and the DiT preset are read from
+    the folder when it holds the exported pipeline; `latent`, `trust_remote_code`, `num_classes` and
+    `preset` say them for a folder that does not (or override). `speedit_preset` defaults to the
+    configuration's `speedit`; `license` to apache-2.0, or cc-by-nc-4.0 for a `base_model` of DiT's
+    authors (facebook/DiT-*, CC-BY-NC 4.0 weights); `base_model` to the configuration's
+    `pretrained_model_name_or_path` when that is a Hub id. `guidance_scale` and
+    `num_inference_steps` are the snippet's (default steps: 250 for DDPM, DiT's, else 50).
+    """
+    folder = _read_folder(output_dir)
+    latent = folder.latent if folder.latent is not None else latent
+    custom = trust_remote_code if trust_remote_code is not None else (
+        folder.custom_code if folder.class_name is not None else not latent
+    )  # fmt: skip
+    num_classes = num_classes if num_classes is not None else folder.num_classes
+    preset = preset or folder.preset or _config_preset(training_config)
+    speedit_preset = speedit_preset or training_config.get("speedit")
+    pretrained = training_config.get("pretrained_model_name_or_path")
+    if base_model is None and isinstance(pretrained, str) and not _is_local_path(pretrained):
+        base_model = pretrained if _HUB_ID.match(pretrained) else None
+    if license is None:
+        license = "cc-by-nc-4.0" if base_model and _NON_COMMERCIAL_BASES.match(base_model) else "apache-2.0"
+    ddpm = folder.scheduler == "DDPMScheduler" or (folder.scheduler is None and not latent)
+    steps = num_inference_steps or (250 if ddpm else 50)
+
+    tags = ["dit"] + ([_preset_tag(preset)] if preset else []) + ["speedit"]
+    tags += [_speedit_tag(speedit_preset)] if speedit_preset else []
+    tags += ["class-conditional", "image-generation", "diffusers-training"] + (["custom_code"] if custom else [])
+    card_data = ModelCardData(
+        license=license,
+        library_name="diffusers",
+        pipeline_tag=PIPELINE_TAG,
+        tags=list(dict.fromkeys(tags)),
+        base_model=base_model,
+        datasets=[dataset] if dataset else None,
     )
-    config_lines = "\n".join(f"| `{k}` | `{v}` |" for k, v in sorted(training_config.items()))
-    grid = f"![samples]({grid_filename})\n\n" if grid_filename else ""
-    description = (
-        f"# Class-conditional DiT trained with SpeeDiT timestep adjustment\n\n"
-        f"{grid}"
-        f"Trained for **{global_step} steps** with "
-        "[speedit](https://arxiv.org/abs/2405.17403)-style timestep sampling and loss weighting "
-        "(see `training_scheduler/scheduler_config.json` for the exact training scheduler). "
-        "The transformer holds the EMA weights.\n\n"
-        f"## Use\n\n{loading}\n"
-        f"## Training configuration\n\n| argument | value |\n| --- | --- |\n{config_lines}\n"
-        f"{segments_table(segments or [], global_step)}"
+    class_labels = list(range(min(num_classes or 1, 3)))
+    repo = hub_model_id or LOCAL_FOLDER_PLACEHOLDER
+    model = f"DiT-{preset}" if preset else "DiT"
+    space = "latent" if latent else "pixel-space"
+    decoded = "its samples are VAE latents, decoded by `vae/`" if latent else "it samples images directly, no VAE"
+    classes = f"{num_classes}-class " if num_classes else ""
+    trained = f"Fine-tuned from [{base_model}](https://huggingface.co/{base_model})" if base_model else "Trained"
+    on = f" on {dataset}" if dataset else ""
+    recipe = f"the `{speedit_preset}` recipe of " if speedit_preset else ""
+    title = f"{classes}{space} {model} trained with SpeeD timestep adjustment"
+    body = [
+        f"# {title[0].upper()}{title[1:]}\n",
+        f"![samples]({grid_filename})\n" if grid_filename else "",
+        f"A class-conditional Diffusion Transformer ({model}; {decoded}). {trained}{on} with speedit for "
+        f"**{global_step} steps**, with {recipe}[SpeeD](https://arxiv.org/abs/2405.17403)'s timestep sampling and "
+        "loss weighting: the model, noise schedule and sampler are DiT's; only which timesteps each batch trained "
+        "on and how much each counted changed. The transformer holds the EMA weights; `training_scheduler/` holds "
+        "the exact training scheduler.\n",
+        "## Use\n",
+        _loading_note(custom, ddpm, folder.scheduler, num_classes, repo),
+        usage_snippet(repo, custom, class_labels, guidance_scale, steps),
+        _SINUSOID_NOTE if folder.original_sinusoid else "",
+        _classes_note(folder.id2label),
+        "## Training configuration\n",
+        "| argument | value |\n| --- | --- |\n"
+        + "".join(f"| `{k}` | {_cell(v)} |\n" for k, v in sorted(training_config.items())),
+    ]
+    content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(part for part in body if part)
+    content += segments_table(segments or [], global_step)
+    card = ModelCard(content)  # parses and validates the metadata block
+    text = str(card).encode()
+    atomic_write(os.path.join(output_dir, "README.md"), lambda f: f.write(text))
+
+
+def _config_preset(training_config: dict) -> str | None:
+    """The DiT preset a configuration names, unless size flags or a pretrained model overrode it."""
+    if any(training_config.get(k) is not None for k in ("num_layers", "hidden_size", "num_attention_heads")):
+        return None
+    if training_config.get("pretrained_model_name_or_path"):
+        return None
+    return training_config.get("model")
+
+
+def _loading_note(custom: bool, ddpm: bool, scheduler: str | None, num_classes: int | None, repo: str) -> str:
+    """How the folder loads with stock diffusers, whether it runs code of its own, and how it samples."""
+    where = "" if repo != LOCAL_FOLDER_PLACEHOLDER else (
+        f" Replace `{LOCAL_FOLDER_PLACEHOLDER}` with this folder's path (or its Hub id once uploaded)."
+    )  # fmt: skip
+    null = f"class {num_classes}" if num_classes else "the class after the last"
+    if custom:
+        sampler = (
+            "ancestral DDPM with the learned variance on DiT's respaced timesteps, as DiT evaluates"
+            if ddpm
+            else f"the folder's {scheduler or 'scheduler'}"
+        )
+        return (
+            "This folder ships its pipeline class, `SpeeDiTPipeline`, in `pipeline_speedit.py`: speedit's pipeline "
+            "as one file that needs only torch, diffusers and numpy (speedit need not be installed). diffusers "
+            "runs a folder's own code only with **`trust_remote_code=True`**, for a local folder as for a Hub "
+            f"repo: read the file before you trust it. It samples by {sampler}; classifier-free guidance "
+            f"(`guidance_scale` > 1) uses the model's null class ({null}), `guidance_channels=k` guides only the "
+            f"first k channels.{where}\n"
+        )
+    return (
+        "A stock diffusers `DiTPipeline` (DDIM): no code of its own, no `trust_remote_code`. Its classifier-free "
+        "guidance takes class 1000 as the null class, which is this 1000-class model's, and guides the first 3 "
+        f"latent channels, as DiT does.{where}\n"
     )
-    # diffusers' training-script card (template, metadata) built locally: nothing is fetched.
-    card = ModelCard.from_template(
-        card_data=ModelCardData(license="apache-2.0", library_name="diffusers", inference=True),
-        template_path=MODEL_CARD_TEMPLATE_PATH,
-        model_description=description,
-    )
-    card = populate_model_card(card, tags=["dit", "speedit", "class-conditional", "image-generation"])
-    card_path = os.path.join(output_dir, "README.md")
-    card.save(card_path)
+
+
+_SINUSOID_NOTE = (
+    f"The transformer embeds timesteps with the original DiT's sinusoid, recorded in `transformer/"
+    f"{TIMESTEP_SINUSOID_FILE}`. diffusers' DiT cannot be configured for it: stock `DiTPipeline` ignores the "
+    "file and samples with its own sinusoid, which changes the outputs slightly (see speedit's "
+    "docs/conversion.md); `SpeeDiTPipeline` (shipped in folders that hold `pipeline_speedit.py`) and speedit's "
+    "`sample_dit.py` honour it.\n"
+)
+
+
+def _classes_note(id2label: dict[int, str]) -> str:
+    """The class ids and names of a model with few classes (`pipe.get_label_ids` maps names to ids)."""
+    if not id2label or len(id2label) > _MAX_LISTED_CLASSES:
+        return ""
+    listed = ", ".join(f"{k}: {_cell(v)}" for k, v in sorted(id2label.items()))
+    return f"Classes ({len(id2label)}; `pipe.get_label_ids([...])` maps names to ids): {listed}.\n"
 
 
 def segments_table(segments: list[dict], final_step: int) -> str:
