@@ -61,14 +61,12 @@ def test_speedit_debug_adds_the_traceback(capsys, monkeypatch):
 
 
 def test_the_scripts_main_blocks_use_the_one_error_path(run_script):
-    """The real command line, in a subprocess: one line and status 2; the traceback with SPEEDIT_DEBUG=1."""
+    """The real command line, in a subprocess, with SPEEDIT_DEBUG=1: the traceback, then the one line
+    and status 2 (without it, the one line alone: tests/test_help.py, test_conversion.py)."""
     bad = ["--train_data", "digits", "--output_dir", "unused", "--hidden_size", "0"]
-    plain = run_script("train_dit.py", bad)
-    assert plain.returncode == 2 and plain.stderr == (
-        "train_dit.py: error: --hidden_size 0 must be at least 1 (or left out).\n"
-    )
     debug = run_script("train_dit.py", bad, extra_env={"SPEEDIT_DEBUG": "1"})
     assert debug.returncode == 2 and "Traceback" in debug.stderr and "validate_args" in debug.stderr
+    assert debug.stderr.endswith("train_dit.py: error: --hidden_size 0 must be at least 1 (or left out).\n")
 
 
 def test_check_free_space_names_folder_space_and_fix(tmp_path, monkeypatch):
@@ -136,12 +134,16 @@ def small_filesystem(path, size):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="tmpfs")
-def test_a_real_full_disk_ends_training_in_one_line_and_keeps_the_checkpoints(tmp_path, run_script):
+def test_a_real_full_disk_ends_training_in_one_line_and_keeps_the_checkpoints(tmp_path, capsys, monkeypatch):
+    import train_dit
+
+    monkeypatch.setattr("sys.argv", ["train_dit.py"])
     with small_filesystem(tmp_path / "small", "1200k") as disk:
         out = disk / "out"
-        result = run_script("train_dit.py", [*TINY_TRAIN_ARGS, "--max_train_steps", "6", "--output_dir", out])
-        assert result.returncode == 2, result.stderr[-2000:]
-        last = result.stderr.strip().splitlines()[-1]
+        with pytest.raises(SystemExit) as stop:
+            run_cli(train_dit.cli, [*TINY_TRAIN_ARGS, "--max_train_steps", "6", "--output_dir", str(out)])
+        assert stop.value.code == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith("train_dit.py: error: checkpoint-") and "needs about" in last and str(out) in last
         names = sorted(os.listdir(out / "checkpoints"))
         assert names and all(n.startswith("checkpoint-") for n in names)  # no temporary folder left

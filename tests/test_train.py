@@ -245,7 +245,7 @@ def test_two_process_cpu_training_checkpoints_resumes_and_exports(tmp_path, run_
     assert images.shape == (2, 8, 8, 1)
 
 
-def test_latent_export_loads_with_stock_diffusers(tmp_path, tiny_vae_dir):
+def test_latent_export_holds_its_vae_and_training_scheduler(tmp_path, tiny_vae_dir):
     from speedit_scheduler import SpeeDiTPipeline
 
     rng = np.random.default_rng(0)
@@ -463,48 +463,6 @@ def test_bad_data_fails_before_training(tmp_path):
     np.savez(tmp_path / "odd.npz", images=np.zeros((4, 7, 7), np.uint8), labels=np.zeros(4, np.int64))
     with pytest.raises(SystemExit, match="sample_size=7 is not divisible by the patch size 2"):
         train_dit.main(_tiny_args(tmp_path / "o4", "--train_data", str(tmp_path / "odd.npz")))
-
-
-def test_shortened_demo_generates_recognisable_digits(tmp_path):
-    """The README demo's code path, shortened: class-conditional samples land in their class."""
-    from speedit_scheduler import SpeeDiTPipeline
-    from speedit_scheduler.data.datasets import load_digits_dataset
-    from speedit_scheduler.evaluation.metrics import ReferenceClassifier
-
-    out = tmp_path / "demo"
-    args = train_dit.parse_args(
-        [
-            "--demo",
-            "--output_dir",
-            str(out),
-            "--max_train_steps",
-            "800",
-            "--ema_decay",
-            "0.99",
-            "--report_to",
-            "none",
-            "--validation_inference_steps",
-            "20",
-            "--validation_images_per_class",
-            "2",
-        ]
-    )
-    train_dit.main(args)
-    assert os.path.isfile(out / "samples.png")
-    digits = load_digits_dataset()
-    classifier = ReferenceClassifier(digits.samples.float() / 255, digits.labels)
-    pipe = SpeeDiTPipeline.from_pretrained(out)
-    labels = [c for c in range(10) for _ in range(20)]
-    images = pipe(
-        class_labels=labels,
-        guidance_scale=2.0,
-        num_inference_steps=50,
-        output_type="pt",
-        generator=torch.Generator().manual_seed(0),
-    ).images
-    accuracy = classifier.accuracy(images, labels)
-    print(f"shortened demo: classifier accuracy of samples {accuracy:.3f} (chance 0.1)")
-    assert accuracy > 0.5
 
 
 class _PlantedCode:
