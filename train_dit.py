@@ -377,9 +377,24 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         except ValueError as error:
             raise UserError(f"{error}")
     try:
-        num_train_timesteps = build_noise_scheduler(args).config.num_train_timesteps
+        scheduler_config = build_noise_scheduler(args).config
     except ValueError as error:
         raise UserError(f"{error}")
+    num_train_timesteps = scheduler_config.num_train_timesteps
+    sampling, weighting = scheduler_config.timestep_sampling, scheduler_config.loss_weighting
+    acts = {  # each SpeeD / P2 parameter and whether this run's sampling or weighting reads it
+        "speed_k": sampling == "speed",
+        "speed_tau": "speed" in (sampling, weighting),
+        "speed_lambda": weighting == "speed",
+        "p2_k": weighting == "p2",
+        "p2_gamma": weighting == "p2",
+    }
+    for name, used in acts.items():
+        if getattr(args, name) is not None and not used:
+            raise UserError(
+                f"--{name} does nothing with timestep sampling {sampling!r} and loss weighting {weighting!r}: drop "
+                "it, or pick a --speedit preset (or --timestep_sampling / --loss_weighting) that uses it."
+            )
     for flag in ("validation_inference_steps", "evaluation_inference_steps"):
         if getattr(args, flag) > num_train_timesteps:
             raise UserError(

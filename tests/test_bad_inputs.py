@@ -62,6 +62,9 @@ CASES = {
     "train: Adam beta 1": (T, [*TINY, *TRAIN, "--adam_beta2", "1.0"], "--adam_beta2 1.0 must lie in [0, 1)"),
     "train: label dropout 1.5": (T, [*TINY, *TRAIN, "--class_dropout_prob", "1.5"], "must lie in [0, 1)"),
     "train: SpeeD tau out of range": (T, [*TINY, *TRAIN, "--speed_tau", "700"], "speed_tau=700.0 is out of range"),
+    "train: a parameter the preset does not use": (
+        T, [*TINY, *TRAIN, "--speedit", "uniform", "--p2_k", "2"], "--p2_k does nothing with timestep sampling"
+    ),
     "train: unknown tracker": (T, [*TINY, *TRAIN, "--report_to", "mlflowx"], "invalid choice: 'mlflowx'"),
     "train: fp16 without a GPU": (T, [*TINY, *TRAIN, "--mixed_precision", "fp16"], "needs a CUDA GPU"),
     "train: a flag that is not one": (T, [*TINY, *TRAIN, "--learning_rat", "1"], "unrecognized arguments"),

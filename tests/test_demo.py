@@ -40,7 +40,7 @@ def test_shortened_demo_generates_recognisable_digits(tmp_path):
     digits = load_digits_dataset()
     classifier = ReferenceClassifier(digits.samples.float() / 255, digits.labels)
     pipe = SpeeDiTPipeline.from_pretrained(out)
-    labels = [c for c in range(10) for _ in range(20)]
+    labels = [c for c in range(10) for _ in range(10)]
     images = pipe(
         class_labels=labels,
         guidance_scale=2.0,
