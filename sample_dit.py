@@ -92,6 +92,7 @@ from speedit_scheduler.training.checkpoints import (
     read_checkpoint_state,
 )
 from speedit_scheduler.training.export import exported_pipeline_class, pipeline_from_checkpoint, recorded_class_name
+from speedit_scheduler.utils import HUB_ID, download_snapshot
 
 
 def check_args(args: argparse.Namespace) -> str:
@@ -145,14 +146,12 @@ def locate_model(path: str, revision: str | None) -> tuple[str, str | None]:
         if revision is not None:
             fail(f"--revision {revision} applies to Hub ids, but {path!r} is a local folder: drop --revision.")
         return path, None
-    if os.path.exists(path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", path) or path.startswith("."):
+    if os.path.exists(path) or not HUB_ID.fullmatch(path):
         fail(f"--pretrained_model_name_or_path {path!r} is not a pipeline folder or a Hub id (owner/name).")
-    from huggingface_hub import snapshot_download
-
     try:
-        folder = snapshot_download(path, revision=revision, allow_patterns=PIPELINE_PATTERNS)
-    except Exception as e:  # offline, missing repo, no access: all end here
-        fail(f"cannot fetch {path!r} from the Hub ({type(e).__name__}): check the id, revision, login or network.")
+        folder = download_snapshot(path, revision, PIPELINE_PATTERNS)
+    except ValueError as error:
+        fail(str(error))
     return folder, os.path.basename(os.path.normpath(folder))  # snapshots/<commit>
 
 
@@ -183,6 +182,11 @@ def read_metadata(path: str) -> dict:
         except ValueError:
             fail(f"{file} is not valid JSON: the folder is damaged; export or download it again.")
 
+    def timesteps_of(scheduler_config: str) -> int:  # the schedule's length (diffusers' default 1000)
+        if not os.path.isfile(os.path.join(path, scheduler_config)):
+            return 1000
+        return read(scheduler_config).get("num_train_timesteps", 1000)
+
     if os.path.isdir(path) and is_training_checkpoint(path):  # a train_dit.py checkpoint-N folder
         state = read_checkpoint_state(path)
         with open(os.path.join(checkpoint_transformer_folder(path), "config.json")) as f:
@@ -192,13 +196,11 @@ def read_metadata(path: str) -> dict:
             "id2label": dict(enumerate(state["class_names"])),
             "vae": ["diffusers", "AutoencoderKL"] if state.get("vae") else None,
         }
-        scheduler = os.path.join(path, "training_scheduler", "scheduler_config.json")
-        steps = json.load(open(scheduler)).get("num_train_timesteps", 1000) if os.path.isfile(scheduler) else 1000
+        steps = timesteps_of("training_scheduler/scheduler_config.json")
         return {**metadata(index, transformer), "checkpoint": True, "num_train_timesteps": steps}
-    scheduler = read("scheduler/scheduler_config.json") if os.path.isdir(os.path.join(path, "scheduler")) else {}
     return {
         **metadata(read("model_index.json"), read("transformer/config.json")),
-        "num_train_timesteps": scheduler.get("num_train_timesteps", 1000),
+        "num_train_timesteps": timesteps_of("scheduler/scheduler_config.json"),
     }
 
 
@@ -321,11 +323,9 @@ def guidance_channels(args: argparse.Namespace, meta: dict) -> int | None:
     return None if channels == "all" else int(channels)
 
 
-def prepare_sample_dir(args: argparse.Namespace, meta: dict, state, folder: str, commit: str | None) -> ShardPlan:
-    """Check the sample folder holds samples of this model and these settings only (or none yet),
-    before the model is loaded; record them; remove what a killed run half-wrote."""
-    plan = ShardPlan(args.sample_dir, args.num_samples, args.batch_size)
-    # Everything that changes a sample; shards of other settings must not be mixed in.
+def sample_settings(args: argparse.Namespace, meta: dict, folder: str, commit: str | None) -> dict:
+    """Everything that changes a sample, the weights' fingerprint and the Hub commit included: shards
+    of other settings, or of another model, must not be mixed in."""
     settings = {
         k: getattr(args, k)
         for k in (
@@ -343,20 +343,24 @@ def prepare_sample_dir(args: argparse.Namespace, meta: dict, state, folder: str,
     }
     channels = guidance_channels(args, meta) if args.sampler == "faithful" else None
     settings["guidance_channels"] = "all" if channels is None else channels
-    # the weights' fingerprint and the Hub commit: one model per folder
     settings["weights_sha256"] = weights_fingerprint(model_files(folder))
     settings["revision_resolved"] = commit
-    try:
-        if state.is_main_process:
-            plan.check_settings(settings)
+    return settings
+
+
+def prepare_sample_dir(args: argparse.Namespace, meta: dict, state, folder: str, commit: str | None) -> ShardPlan:
+    """Check the sample folder holds samples of this model and these settings only (or none yet),
+    before the model is loaded; record them; remove what a killed run half-wrote."""
+    plan = ShardPlan(args.sample_dir, args.num_samples, args.batch_size)
+    if state.is_main_process:  # the others wait: the folder is checked (and the weights hashed) once
+        try:
+            plan.check_settings(sample_settings(args, meta, folder, commit))
             plan.check_written_shards()
             for stale in plan.stray_tmp_files():  # half-written by a killed run; nobody writes yet
                 os.remove(stale)
-        state.wait_for_everyone()
-        if not state.is_main_process:
-            plan.check_settings(settings)
-    except ValueError as e:
-        fail(str(e))
+        except ValueError as e:
+            fail(str(e))
+    state.wait_for_everyone()
     return plan
 
 

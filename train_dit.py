@@ -276,8 +276,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--train_data is required ('digits' or an .npz file), or use --demo.")
     if args.output_dir is None:
         raise UserError("--output_dir is required.")
-    if args.model not in DIT_PRESETS:
-        raise UserError(f"--model {args.model!r} is unknown: choose one of {', '.join(DIT_PRESETS)}.")
     for name in (
         "train_batch_size",
         "gradient_accumulation_steps",
@@ -307,8 +305,6 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--{name} {getattr(args, name)} must lie in [0, 1).")
     if not args.adam_epsilon > 0:
         raise UserError(f"--adam_epsilon {args.adam_epsilon} must be positive.")
-    if args.lr_scheduler not in LR_SCHEDULERS:
-        raise UserError(f"--lr_scheduler {args.lr_scheduler!r} is unknown: choose one of {', '.join(LR_SCHEDULERS)}.")
     if args.lr_warmup_steps > args.max_train_steps:
         raise UserError(
             f"--lr_warmup_steps {args.lr_warmup_steps} exceeds --max_train_steps {args.max_train_steps}: "

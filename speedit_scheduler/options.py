@@ -17,6 +17,14 @@ DIT_SIZES: dict[str, tuple[int, int, int]] = {
 DIT_PATCH_SIZES = (2, 4, 8)
 DIT_PRESETS = tuple(f"{size}/{patch}" for size in DIT_SIZES for patch in DIT_PATCH_SIZES)
 
+
+def dit_preset_of(depth: int, hidden: int, patch: int, heads: int | None = None) -> str | None:
+    """The DiT preset of a model's shape (any heads unless `heads` is given), or None."""
+    for size, (d, h, n) in DIT_SIZES.items():
+        if (d, h) == (depth, hidden) and heads in (None, n):
+            return f"{size}/{patch}"
+    return None
+
 # SpeeD's choices (scheduling_speedit.py).
 TimestepSampling = Literal["uniform", "speed", "speedit-v1", "logit-normal"]
 LossWeighting = Literal["none", "speed", "p2", "min-snr"]

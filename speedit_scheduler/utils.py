@@ -1,15 +1,19 @@
 # Copyright 2026 The speedit authors. Licensed under the Apache License, Version 2.0.
-"""Two small helpers every layer uses: seeded random streams and atomic file writes."""
+"""Small helpers every layer uses: seeded random streams, atomic file writes, file checksums and
+Hub snapshots."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from typing import BinaryIO, Literal
 
 import torch
+from huggingface_hub import snapshot_download
 
 RandomStream = Literal["training", "data", "epoch", "sample", "evaluation"]
 
@@ -70,3 +74,29 @@ def atomic_write_json(path: str, content, **dump_kwargs) -> None:
     """Write `content` as JSON to `path` atomically (indent 2 unless given)."""
     dump_kwargs.setdefault("indent", 2)
     atomic_write(path, lambda f: f.write(json.dumps(content, **dump_kwargs).encode()))
+
+
+def file_sha256(path: str) -> str:
+    """The SHA-256 of a file's contents, read in 8 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# A Hub repo id, owner/name.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def download_snapshot(repo_id: str, revision: str | None, allow_patterns: list[str], flag: str = "") -> str:
+    """The local folder of a Hub repo at one commit (`snapshots/<commit>`, downloaded once or found
+    in the cache); a one-line ValueError naming the repo (after `flag`, if given) when the Hub
+    cannot provide it."""
+    try:
+        return snapshot_download(repo_id, revision=revision, allow_patterns=allow_patterns)
+    except Exception as error:  # offline, missing repo, no access: all end here
+        named = f"{flag} {repo_id!r}" if flag else repr(repo_id)
+        raise ValueError(
+            f"cannot fetch {named} from the Hub ({type(error).__name__}): check the id, revision, login or network."
+        ) from None

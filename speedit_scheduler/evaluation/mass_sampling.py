@@ -20,7 +20,7 @@ import zipfile
 import numpy as np
 import torch
 
-from ..utils import atomic_write, seeded_generator
+from ..utils import atomic_write, file_sha256, seeded_generator
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -56,11 +56,7 @@ def weights_fingerprint(files: list[str]) -> str:
     samples come from one model. A replaced model at the same path changes it."""
     digest = hashlib.sha256()
     for path in files:
-        file_digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 23), b""):
-                file_digest.update(block)
-        digest.update(f"{os.path.basename(path)}\0{file_digest.hexdigest()}\0".encode())
+        digest.update(f"{os.path.basename(path)}\0{file_sha256(path)}\0".encode())
     return digest.hexdigest()
 
 

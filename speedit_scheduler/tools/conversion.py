@@ -44,6 +44,7 @@ from ..models import (
     save_timestep_sinusoid,
     set_timestep_freq_shift,
 )
+from ..options import dit_preset_of
 from ..pipeline_speedit import training_sampler
 from ..scheduling_speedit import PRESETS, SpeeDiTScheduler
 from ..training.export import build_pipeline, inference_scheduler, save_pipeline
@@ -266,7 +267,7 @@ def infer_dit_config(
             f"for hidden size {hidden}."
         )
 
-    preset = next((f"{name}/{patch}" for name, (d, h, _) in DIT_SIZES.items() if d == depth and h == hidden), None)
+    preset = dit_preset_of(depth, hidden, patch)
     if num_attention_heads is None:
         if preset is None:
             known = ", ".join(f"{name}: depth {d}, hidden {h}" for name, (d, h, _) in DIT_SIZES.items())

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from diffusers import DiTTransformer2DModel
 
 from ..cli import UserError, check_free_space, format_size
 from ..models import save_timestep_sinusoid
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +109,6 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint whose files are not the ones it recorded (missing, truncated, changed, added)."""
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 23), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _checkpoint_files(folder: str) -> list[str]:
     files = []
     for root, _, names in os.walk(folder):
@@ -131,7 +122,7 @@ def _checkpoint_files(folder: str) -> list[str]:
 def write_manifest(folder: str) -> dict:
     """Record every file of a checkpoint folder (size, SHA-256) in its `manifest.json`."""
     files = {
-        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": _sha256(os.path.join(folder, name))}
+        name: {"size": os.path.getsize(os.path.join(folder, name)), "sha256": file_sha256(os.path.join(folder, name))}
         for name in _checkpoint_files(folder)
     }
     manifest = {"format": 1, "files": files}
@@ -157,7 +148,7 @@ def verify_checkpoint(folder: str) -> None:
         size = os.path.getsize(path)
         if size != entry["size"]:
             raise DamagedCheckpointError(f"{path} is damaged ({size} bytes, {entry['size']} written)")
-        if _sha256(path) != entry["sha256"]:
+        if file_sha256(path) != entry["sha256"]:
             raise DamagedCheckpointError(f"{path} is damaged (its SHA-256 differs from the one written)")
     extra = sorted(set(_checkpoint_files(folder)) - set(recorded))
     if extra:

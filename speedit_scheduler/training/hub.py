@@ -48,8 +48,8 @@ from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 from ..models import TIMESTEP_SINUSOID_FILE
-from ..options import DIT_SIZES
-from ..utils import atomic_write
+from ..options import dit_preset_of
+from ..utils import HUB_ID, atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,6 @@ PIPELINE_TAG = "unconditional-image-generation"
 LOCAL_FOLDER_PLACEHOLDER = "path/to/this/folder"
 # Weights of DiT's authors (facebook/DiT-*) are CC-BY-NC 4.0, and so is what is fine-tuned from them.
 _NON_COMMERCIAL_BASES = re.compile(r"^facebook/DiT-", re.IGNORECASE)
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _MAX_LISTED_CLASSES = 32
 
 
@@ -111,9 +110,8 @@ def _read_folder(output_dir: str) -> _Folder:
     preset = None
     if transformer:
         heads = transformer.get("num_attention_heads") or 0
-        shape = (transformer.get("num_layers"), heads * transformer.get("attention_head_dim", 0), heads)
-        size = next((size for size, layout in DIT_SIZES.items() if tuple(layout) == shape), None)
-        preset = f"{size}/{transformer.get('patch_size')}" if size else None
+        hidden = heads * transformer.get("attention_head_dim", 0)
+        preset = dit_preset_of(transformer.get("num_layers"), hidden, transformer.get("patch_size"), heads)
     vae = index.get("vae")
     return _Folder(
         class_name=name[-1] if isinstance(name, (list, tuple)) else name,
@@ -133,7 +131,7 @@ def _is_local_path(value: str) -> bool:
         os.path.isabs(value)
         or value.startswith(("~", "./", "../", ".\\", "..\\"))
         or "\\" in value
-        or (not _HUB_ID.match(value) and os.sep in value)
+        or (not HUB_ID.fullmatch(value) and os.sep in value)
         or os.path.exists(value)
     )
 
@@ -231,7 +229,7 @@ def write_model_card(
     speedit_preset = speedit_preset or training_config.get("speedit")
     pretrained = training_config.get("pretrained_model_name_or_path")
     if base_model is None and isinstance(pretrained, str) and not _is_local_path(pretrained):
-        base_model = pretrained if _HUB_ID.match(pretrained) else None
+        base_model = pretrained if HUB_ID.fullmatch(pretrained) else None
     if license is None:
         license = "cc-by-nc-4.0" if base_model and _NON_COMMERCIAL_BASES.match(base_model) else "apache-2.0"
     ddpm = folder.scheduler == "DDPMScheduler" or (folder.scheduler is None and not latent)

@@ -6,13 +6,12 @@ or a Hub id of any of these. Its weights initialise the transformer and its EMA.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from diffusers import DiTTransformer2DModel
-from huggingface_hub import snapshot_download
 
 from ..models import load_dit
+from ..utils import HUB_ID, download_snapshot
 from .checkpoints import checkpoint_transformer_folder, is_training_checkpoint
 
 # What a Hub repo must hold for fine-tuning: a pipeline's transformer (and its VAE), or a bare
@@ -34,19 +33,13 @@ def locate_pretrained_dit(name_or_path: str, revision: str | None = None) -> Pre
     Errors are one-line ValueErrors naming the path and what was expected."""
     if os.path.isdir(name_or_path):
         folder = name_or_path
-    elif os.path.exists(name_or_path) or not re.fullmatch(r"[\w.-]+/[\w.-]+", name_or_path):
+    elif os.path.exists(name_or_path) or not HUB_ID.fullmatch(name_or_path):
         raise ValueError(
             f"--pretrained_model_name_or_path {name_or_path!r} is not a folder or a Hub id (owner/name): give a "
             "pipeline folder, a transformer folder, a checkpoint-N folder or a Hub id."
         )
     else:
-        try:
-            folder = snapshot_download(name_or_path, revision=revision, allow_patterns=_HUB_PATTERNS)
-        except Exception as error:  # offline, missing repo, no access
-            raise ValueError(
-                f"cannot fetch --pretrained_model_name_or_path {name_or_path!r} from the Hub "
-                f"({type(error).__name__}): check the id, login or network."
-            ) from None
+        folder = download_snapshot(name_or_path, revision, _HUB_PATTERNS, "--pretrained_model_name_or_path")
     if is_training_checkpoint(folder):
         return PretrainedDiT(name_or_path, checkpoint_transformer_folder(folder), None)
     if os.path.isfile(os.path.join(folder, "model_index.json")):
